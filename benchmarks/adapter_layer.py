@@ -6,6 +6,14 @@ One JSON object per line:
   flop_overhead   adapter FLOPs / dense FLOPs (analytic, omni_smola.nn.accounting)
   efficiency      flop_overhead / time_overhead: 1.0 means the adapter runs at
                   the frozen matmul's FLOP rate.
+  dot_flop_overhead  the same ratio counted from the products the code really
+                  runs (its traced `dot_general`s): equal to flop_overhead when
+                  no product does work the analytic count does not include
+  dot_efficiency  flop_overhead / the time overhead of those products replayed
+                  on their own (`contractions.py`): the efficiency the device's
+                  rate for these product shapes allows, before any routing
+                  work. `efficiency` well below it means time lost around the
+                  products; both low means the shapes run slowly here.
 Shapes follow a PaLI encoder layer: d_in = d_out = 1024, 4 examples x 256 tokens
 (192 visual, then 64 text), rank 4. `forward_backward` differentiates with
 respect to the input (a frozen layer still back-propagates) and, for adapted
@@ -29,7 +37,8 @@ import jax.numpy as jnp  # noqa: E402
 
 from omni_smola.nn import AdaptedDense, AdapterSpec, TokenContext  # noqa: E402
 from omni_smola.nn.accounting import adapter_forward_flops, dense_forward_flops  # noqa: E402
-from timing import interleaved_medians  # noqa: E402
+from contractions import dot_generals, product_flops, replay  # noqa: E402
+from timing import interleaved_minimums  # noqa: E402
 
 EXAMPLES, LENGTH, NUM_VISUAL, RANK = 4, 256, 192, 4
 
@@ -47,8 +56,9 @@ def cases(experts):
 
 
 def build(spec, x, context, d_model):
-  """(forward, forward_backward) thunks; every array is a jit argument, so XLA
-  cannot fold any of the work into compile-time constants."""
+  """Per pass (forward, forward_backward): a thunk running the layer, and the
+  products it runs (see `contractions.py`). Every array is a jit argument, so
+  XLA cannot fold any of the work into compile-time constants."""
   layer = AdaptedDense(d_model, kernel_axes=("embed", "mlp"), adapter=spec, site="bench")
   params = nn.unbox(layer.init(jax.random.PRNGKey(1), x, context))["params"]
   # Non-zero B, so nothing is trivially zero.
@@ -68,8 +78,16 @@ def build(spec, x, context, d_model):
     outputs, vjp = jax.vjp(lambda a, x: apply(kernel, a, x), adapter, x)
     return outputs, vjp(cotangent)
 
-  forward, backward = jax.jit(apply), jax.jit(pullback)
-  return (lambda: forward(kernel, adapter, x)), (lambda: backward(kernel, adapter, x, cotangent))
+  passes = []
+  for function, args in ((apply, (kernel, adapter, x)), (pullback, (kernel, adapter, x, cotangent))):
+    compiled = jax.jit(function)
+    passes.append(((lambda compiled=compiled, args=args: compiled(*args)),
+                   dot_generals(function, *args)))
+  return passes
+
+
+def ratio(flop_overhead, time_overhead):
+  return round(flop_overhead / time_overhead, 3) if time_overhead > 0 else None
 
 
 def main():
@@ -85,24 +103,32 @@ def main():
   dense_flops = EXAMPLES * dense_forward_flops(d, d, LENGTH)
 
   specs = cases(args.experts)
-  functions = {"dense": build(AdapterSpec(kind="none"), x, context, d)}
-  functions.update({name: build(spec, x, context, d) for name, spec in specs.items()})
+  built = {"dense": build(AdapterSpec(kind="none"), x, context, d)}
+  built.update({name: build(spec, x, context, d) for name, spec in specs.items()})
   for pass_index, pass_name in enumerate(("forward", "forward_backward")):
-    medians = interleaved_medians({n: f[pass_index] for n, f in functions.items()},
-                                  repeats=args.repeats)
+    thunks, products = {}, {}
+    for name, passes in built.items():
+      thunks[name], products[name] = passes[pass_index]
+      products_alone, operands = replay(products[name])
+      thunks[f"{name}/products"] = lambda run=products_alone, operands=operands: run(operands)
+    fastest = interleaved_minimums(thunks, repeats=args.repeats)
+    dense_products = product_flops(products["dense"])
     for name, spec in specs.items():
       adapter_flops = EXAMPLES * adapter_forward_flops(spec, d, d, tokens)
       # Backward: the dense layer only back-propagates to x (2x its forward);
       # an adapter also differentiates its parameters (3x its forward in all).
       flop_overhead = adapter_flops / dense_flops if pass_index == 0 else (
           3 * adapter_flops) / (2 * dense_flops)
-      time_overhead = medians[name] / medians["dense"] - 1
+      time_overhead = fastest[name] / fastest["dense"] - 1
+      products_overhead = fastest[f"{name}/products"] / fastest["dense/products"] - 1
       print(json.dumps({
           "case": f"{name}/{pass_name}",
           "time_overhead": round(time_overhead, 4),
           "flop_overhead": round(flop_overhead, 4),
-          "efficiency": round(flop_overhead / time_overhead, 3) if time_overhead > 0 else None,
-          "dense_seconds": round(medians["dense"], 5),
+          "efficiency": ratio(flop_overhead, time_overhead),
+          "dot_flop_overhead": round(product_flops(products[name]) / dense_products - 1, 4),
+          "dot_efficiency": ratio(flop_overhead, products_overhead),
+          "dense_seconds": round(fastest["dense"], 5),
           "device": jax.devices()[0].device_kind,
       }), flush=True)
 

@@ -6,7 +6,7 @@ interleaved so that a slow patch of the machine hits every case alike.
 """
 import statistics
 import time
-from typing import Callable, Dict
+from typing import Callable, Dict, List
 
 import jax
 
@@ -17,9 +17,9 @@ def time_once(fn: Callable[[], object]) -> float:
   return time.perf_counter() - start
 
 
-def interleaved_medians(cases: Dict[str, Callable[[], object]], repeats: int = 15,
-                        warmup: int = 2) -> Dict[str, float]:
-  """Median seconds per case, the cases run round-robin."""
+def interleaved_samples(cases: Dict[str, Callable[[], object]], repeats: int = 15,
+                        warmup: int = 2) -> Dict[str, List[float]]:
+  """Seconds per run of each case, the cases run round-robin."""
   for fn in cases.values():
     for _ in range(warmup):
       time_once(fn)
@@ -27,4 +27,18 @@ def interleaved_medians(cases: Dict[str, Callable[[], object]], repeats: int = 1
   for _ in range(repeats):
     for name, fn in cases.items():
       samples[name].append(time_once(fn))
+  return samples
+
+
+def interleaved_medians(cases, repeats: int = 15, warmup: int = 2) -> Dict[str, float]:
+  """Median seconds per case: for steps long enough to average over noise."""
+  samples = interleaved_samples(cases, repeats, warmup)
   return {name: statistics.median(times) for name, times in samples.items()}
+
+
+def interleaved_minimums(cases, repeats: int = 15, warmup: int = 2) -> Dict[str, float]:
+  """Fastest run per case: for millisecond kernels, where interference from
+  other processes only ever adds time, so the minimum is the stable estimate
+  (the advice of Python's `timeit`)."""
+  samples = interleaved_samples(cases, repeats, warmup)
+  return {name: min(times) for name, times in samples.items()}

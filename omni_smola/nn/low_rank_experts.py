@@ -7,10 +7,10 @@ build a `[tokens, d, f]` weight or a `[tokens, e, f]` output:
 
 * `mix_per_token`: `sum_e g[b,t,e] x A_e B_e` as `(x A_all) * g` followed by one
   matmul over the joined `(e, r)` axis: 2 t d e r + 2 t e r f FLOPs.
-* `per_slot`: Soft MoE slots, each one vector: 2 e n (d r + r f). Slots come
-  expert-major, `[e, n, d]`, so both contractions are plain batched matmuls over
-  the expert axis (XLA otherwise transposes around them, which costs more than
-  the matmuls themselves at these sizes).
+* `per_slot`: Soft MoE slots, each one vector: 2 b e n (d r + r f). Slots come
+  batch-major, `[b, e, n, d]`, the layout of the dispatch and combine matmuls
+  around them; only these small slot arrays, never the token activations, get
+  rearranged for the per-expert contractions.
 """
 from typing import Any
 
@@ -58,9 +58,9 @@ class LowRankExperts(nn.Module):
     return hidden.reshape(x.shape[:2] + (-1,)) @ self.stacked_up()
 
   def per_slot(self, slot_inputs):
-    """slot_inputs: [e, n, d] -> slot outputs [e, n, f]."""
-    hidden = jnp.einsum("end,edr->enr", slot_inputs, jnp.asarray(self.expert_a, self.dtype))
-    return jnp.einsum("enr,erf->enf", hidden, jnp.asarray(self.expert_b, self.dtype))
+    """slot_inputs: [b, e, n, d] -> slot outputs [b, e, n, f]."""
+    hidden = jnp.einsum("bend,edr->benr", slot_inputs, jnp.asarray(self.expert_a, self.dtype))
+    return jnp.einsum("benr,erf->benf", hidden, jnp.asarray(self.expert_b, self.dtype))
 
   def __call__(self, x, gates):
     return self.mix_per_token(x, gates)

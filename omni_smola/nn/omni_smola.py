@@ -18,6 +18,8 @@ once per block and add the outputs afterwards; at these widths those passes
 cost more than the adapter's FLOPs.
 
 Letters: b batch, t token, s slot (expert-major), d input width, f output width.
+Slot arrays are batch-major (`[b, s, d]`), so dispatch and combine are plain
+batched matmuls over the examples with no transposes of the activations.
 """
 import dataclasses
 from typing import Any, Dict, List, Mapping, Tuple
@@ -87,26 +89,26 @@ class OmniSMoLA(nn.Module):
     if not masked:  # Segments already separate the modalities.
       group_masks = {g: valid for g in GROUPS}
 
-    inverse_norm = inverse_token_norm(x)
+    # Each segment's tokens are sliced once and shared by every step below.
+    segment_tokens = [x[:, segment.start:segment.stop] for segment in segments]
     pieces, logits = [], []
-    for segment in segments:
-      tokens = x[:, segment.start:segment.stop]
+    for segment, tokens in zip(segments, segment_tokens):
       slots = jnp.concatenate([blocks[g].router.scaled_unit_slots() for g in segment.groups], 1)
       segment_logits = jnp.einsum("btd,ds->bts", tokens.astype(jnp.float32), slots)
-      segment_logits *= inverse_norm[:, segment.start:segment.stop, None]
+      segment_logits *= inverse_token_norm(tokens)[..., None]
       logits.append(self._split_by_group(segment_logits, segment, blocks))
     causal_or_token = context.causal or self.routing == "token"
     combine = self._combine_weights(segments, logits, group_masks, blocks)
     if causal_or_token:
-      for segment, segment_combine in zip(segments, combine):
-        pieces.append(self._token_routed(x, segment, segment_combine, blocks))
+      for segment, tokens, segment_combine in zip(segments, segment_tokens, combine):
+        pieces.append(self._token_routed(tokens, segment, segment_combine, blocks))
     else:
       dispatch = self._dispatch_weights(segments, logits, group_masks)
-      slot_outputs = self._slot_outputs(x, segments, dispatch, blocks)
+      slot_outputs = self._slot_outputs(segment_tokens, segments, dispatch, blocks)
       for segment, segment_combine in zip(segments, combine):
         weights = jnp.concatenate([segment_combine[g] for g in segment.groups], -1)
-        outputs = jnp.concatenate([slot_outputs[g] for g in segment.groups], 0)
-        pieces.append(jnp.einsum("bts,sbf->btf", weights.astype(self.dtype), outputs))
+        outputs = jnp.concatenate([slot_outputs[g] for g in segment.groups], 1)
+        pieces.append(jnp.einsum("bts,bsf->btf", weights.astype(self.dtype), outputs))
     return self._assemble(pieces, segments, batch, length)
 
   def _split_by_group(self, segment_logits, segment, blocks) -> Dict[str, jnp.ndarray]:
@@ -148,23 +150,21 @@ class OmniSMoLA(nn.Module):
         offset += size
     return dispatch
 
-  def _slot_outputs(self, x, segments, dispatch, blocks):
+  def _slot_outputs(self, segment_tokens, segments, dispatch, blocks):
     """Slot inputs summed over the segments a block spans, then its experts."""
     slot_inputs: Dict[str, List[jnp.ndarray]] = {}
-    for segment, segment_dispatch in zip(segments, dispatch):
-      tokens = x[:, segment.start:segment.stop]
+    for segment, tokens, segment_dispatch in zip(segments, segment_tokens, dispatch):
       weights = jnp.concatenate([segment_dispatch[g] for g in segment.groups], -1)
-      inputs = jnp.einsum("bts,btd->sbd", weights.astype(self.dtype), tokens)
+      inputs = jnp.einsum("bts,btd->bsd", weights.astype(self.dtype), tokens)
       offset = 0
       for g in segment.groups:
         size = blocks[g].num_slots
-        slot_inputs.setdefault(g, []).append(inputs[offset:offset + size])
+        slot_inputs.setdefault(g, []).append(inputs[:, offset:offset + size])
         offset += size
     return {g: blocks[g].slot_outputs(sum(parts)) for g, parts in slot_inputs.items()}
 
-  def _token_routed(self, x, segment, segment_combine, blocks):
+  def _token_routed(self, tokens, segment, segment_combine, blocks):
     """y = sum over the segment's experts of gate * x A B, as two matmuls."""
-    tokens = x[:, segment.start:segment.stop]
     gates = []
     for g in segment.groups:
       weights = segment_combine[g]

@@ -64,10 +64,10 @@ class SMoLAGroup(nn.Module):
     return self.num_experts * self.slots_per_expert
 
   def slot_outputs(self, slot_inputs):
-    """[s, b, d] expert-major slots -> [s, b, f]."""
-    batch = slot_inputs.shape[1]
-    per_expert = slot_inputs.reshape(self.num_experts, self.slots_per_expert * batch, -1)
-    return self.experts.per_slot(per_expert).reshape(self.num_slots, batch, -1)
+    """[b, s, d] slots (expert-major within an example) -> [b, s, f]."""
+    batch = slot_inputs.shape[0]
+    per_expert = slot_inputs.reshape(batch, self.num_experts, self.slots_per_expert, -1)
+    return self.experts.per_slot(per_expert).reshape(batch, self.num_slots, -1)
 
   def record_stats(self, combine, token_mask):
     """combine: [b, t, s] softmax over this block's slots; token_mask: [b, t]."""
