@@ -5,6 +5,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from omni_smola.nn import initializers
+from omni_smola.nn.products import product
 
 
 class LoRA(nn.Module):
@@ -26,5 +27,5 @@ class LoRA(nn.Module):
     b = self.param("lora_b", nn.with_logical_partitioning(
         initializers.up_projection, ("lora_rank", self.out_axis)),
                    (self.rank, self.out_features), self.param_dtype)
-    hidden = (x @ jnp.asarray(a, self.dtype)) * jnp.asarray(self.scale, self.dtype)
-    return hidden @ jnp.asarray(b, self.dtype)  # the scale rides on the [b, t, r] hidden
+    hidden = product("btd,dr->btr", x, jnp.asarray(a, self.dtype)) * jnp.asarray(self.scale, self.dtype)
+    return product("btr,rf->btf", hidden, jnp.asarray(b, self.dtype))  # the scale rides on the [b, t, r] hidden

@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from omni_smola.nn import initializers
+from omni_smola.nn.products import product
 
 
 class LowRankExperts(nn.Module):
@@ -53,9 +54,10 @@ class LowRankExperts(nn.Module):
 
   def mix_per_token(self, x, gates):
     """x: [b, t, d], gates: [b, t, e] -> [b, t, f]."""
-    hidden = (x @ self.stacked_down()).reshape(x.shape[:2] + (self.num_experts, self.rank))
+    hidden = product("btd,dk->btk", x, self.stacked_down())
+    hidden = hidden.reshape(x.shape[:2] + (self.num_experts, self.rank))
     hidden = hidden * gates.astype(self.dtype)[..., None]
-    return hidden.reshape(x.shape[:2] + (-1,)) @ self.stacked_up()
+    return product("btk,kf->btf", hidden.reshape(x.shape[:2] + (-1,)), self.stacked_up())
 
   def per_slot(self, slot_inputs):
     """slot_inputs: [b, e, n, d] -> slot outputs [b, e, n, f]."""

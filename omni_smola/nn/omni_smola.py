@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from omni_smola.nn.smola import SMoLAGroup, masked_softmax_over_tokens
 from omni_smola.nn.soft_router import inverse_token_norm
 from omni_smola.nn.token_context import TokenContext
+from omni_smola.nn.products import product
 
 GROUPS = ("mm", "vis", "txt")
 
@@ -94,7 +95,7 @@ class OmniSMoLA(nn.Module):
     pieces, logits = [], []
     for segment, tokens in zip(segments, segment_tokens):
       slots = jnp.concatenate([blocks[g].router.scaled_unit_slots() for g in segment.groups], 1)
-      segment_logits = jnp.einsum("btd,ds->bts", tokens.astype(jnp.float32), slots)
+      segment_logits = product("btd,ds->bts", tokens.astype(jnp.float32), slots)
       segment_logits *= inverse_token_norm(tokens)[..., None]
       logits.append(self._split_by_group(segment_logits, segment, blocks))
     causal_or_token = context.causal or self.routing == "token"
@@ -108,7 +109,7 @@ class OmniSMoLA(nn.Module):
       for segment, segment_combine in zip(segments, combine):
         weights = jnp.concatenate([segment_combine[g] for g in segment.groups], -1)
         outputs = jnp.concatenate([slot_outputs[g] for g in segment.groups], 1)
-        pieces.append(jnp.einsum("bts,bsf->btf", weights.astype(self.dtype), outputs))
+        pieces.append(product("bts,bsf->btf", weights.astype(self.dtype), outputs))
     return self._assemble(pieces, segments, batch, length)
 
   def _split_by_group(self, segment_logits, segment, blocks) -> Dict[str, jnp.ndarray]:
@@ -155,7 +156,7 @@ class OmniSMoLA(nn.Module):
     slot_inputs: Dict[str, List[jnp.ndarray]] = {}
     for segment, tokens, segment_dispatch in zip(segments, segment_tokens, dispatch):
       weights = jnp.concatenate([segment_dispatch[g] for g in segment.groups], -1)
-      inputs = jnp.einsum("bts,btd->bsd", weights.astype(self.dtype), tokens)
+      inputs = product("bts,btd->bsd", weights.astype(self.dtype), tokens)
       offset = 0
       for g in segment.groups:
         size = blocks[g].num_slots
@@ -172,14 +173,21 @@ class OmniSMoLA(nn.Module):
     gates = jnp.concatenate(gates, -1).astype(self.dtype)  # [b, t, e_all]
     down = jnp.concatenate([blocks[g].experts.stacked_down() for g in segment.groups], 1)
     up = jnp.concatenate([blocks[g].experts.stacked_up() for g in segment.groups], 0)
-    hidden = (tokens @ down).reshape(gates.shape + (self.rank,)) * gates[..., None]
-    return hidden.reshape(gates.shape[:2] + (-1,)) @ up
+    hidden = product("btd,dk->btk", tokens, down).reshape(gates.shape + (self.rank,)) * gates[..., None]
+    return product("btk,kf->btf", hidden.reshape(gates.shape[:2] + (-1,)), up)
 
   def _assemble(self, pieces, segments, batch, length):
-    covered = sum(s.stop - s.start for s in segments)
-    if len(pieces) == 1 and covered == length:
-      return pieces[0]
-    outputs = jnp.zeros((batch, length, self.out_features), self.dtype)
+    """Joins the segments' outputs in token order, zeros where no block acts.
+
+    A concatenation, whose gradient is plain slices of the cotangent (writing
+    the pieces into a zero buffer would also differentiate the buffer: two more
+    passes over [b, t, f])."""
+    parts, position = [], 0
     for piece, segment in zip(pieces, segments):
-      outputs = jax.lax.dynamic_update_slice_in_dim(outputs, piece, segment.start, axis=1)
-    return outputs
+      if segment.start > position:
+        parts.append(jnp.zeros((batch, segment.start - position, self.out_features), self.dtype))
+      parts.append(piece)
+      position = segment.stop
+    if position < length:
+      parts.append(jnp.zeros((batch, length - position, self.out_features), self.dtype))
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
