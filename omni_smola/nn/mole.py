@@ -24,8 +24,8 @@ def top_k_gates(logits, k):
   top_logits, top_index = jax.lax.top_k(logits, k)
   top_weights = jax.nn.softmax(top_logits, axis=-1)
   one_hot = jax.nn.one_hot(top_index, logits.shape[-1], dtype=logits.dtype)
-  # A selection, summed elementwise: as an einsum it would count as a product.
-  return jnp.sum(top_weights[..., None] * one_hot, axis=-2)
+  # A selection of k (static, small) one-hot rows: elementwise, not a product.
+  return sum(top_weights[..., i, None] * one_hot[..., i, :] for i in range(k))
 
 
 class MoLE(nn.Module):
