@@ -21,6 +21,17 @@ from omni_smola.nn import initializers
 from omni_smola.nn.products import product
 
 
+def mix_stacked(x, down, up, gates):
+  """sum_e gates[b,t,e] x A_e B_e from stacked factors, as two matmuls.
+
+  x: [b, t, d], down: [d, e * r] (all A side by side), up: [e * r, f],
+  gates: [b, t, e] -> [b, t, f].
+  """
+  hidden = product("btd,dk->btk", x, down)
+  hidden = hidden.reshape(gates.shape + (-1,)) * gates[..., None]  # [b, t, e, r]
+  return product("btk,kf->btf", hidden.reshape(gates.shape[:2] + (-1,)), up)
+
+
 class LowRankExperts(nn.Module):
   num_experts: int
   rank: int
@@ -54,10 +65,7 @@ class LowRankExperts(nn.Module):
 
   def mix_per_token(self, x, gates):
     """x: [b, t, d], gates: [b, t, e] -> [b, t, f]."""
-    hidden = product("btd,dk->btk", x, self.stacked_down())
-    hidden = hidden.reshape(x.shape[:2] + (self.num_experts, self.rank))
-    hidden = hidden * gates.astype(self.dtype)[..., None]
-    return product("btk,kf->btf", hidden.reshape(x.shape[:2] + (-1,)), self.stacked_up())
+    return mix_stacked(x, self.stacked_down(), self.stacked_up(), gates.astype(self.dtype))
 
   def per_slot(self, slot_inputs):
     """slot_inputs: [b, e, n, d] -> slot outputs [b, e, n, f]."""

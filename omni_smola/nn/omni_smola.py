@@ -28,10 +28,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from omni_smola.nn.low_rank_experts import mix_stacked
+from omni_smola.nn.products import product
 from omni_smola.nn.smola import SMoLAGroup, masked_softmax_over_tokens
 from omni_smola.nn.soft_router import inverse_token_norm
 from omni_smola.nn.token_context import TokenContext
-from omni_smola.nn.products import product
 
 GROUPS = ("mm", "vis", "txt")
 
@@ -165,7 +166,7 @@ class OmniSMoLA(nn.Module):
     return {g: blocks[g].slot_outputs(sum(parts)) for g, parts in slot_inputs.items()}
 
   def _token_routed(self, tokens, segment, segment_combine, blocks):
-    """y = sum over the segment's experts of gate * x A B, as two matmuls."""
+    """y = sum over the segment's experts (all its blocks' stacked) of gate * x A B."""
     gates = []
     for g in segment.groups:
       weights = segment_combine[g]
@@ -173,8 +174,7 @@ class OmniSMoLA(nn.Module):
     gates = jnp.concatenate(gates, -1).astype(self.dtype)  # [b, t, e_all]
     down = jnp.concatenate([blocks[g].experts.stacked_down() for g in segment.groups], 1)
     up = jnp.concatenate([blocks[g].experts.stacked_up() for g in segment.groups], 0)
-    hidden = product("btd,dk->btk", tokens, down).reshape(gates.shape + (self.rank,)) * gates[..., None]
-    return product("btk,kf->btf", hidden.reshape(gates.shape[:2] + (-1,)), up)
+    return mix_stacked(tokens, down, up, gates)
 
   def _assemble(self, pieces, segments, batch, length):
     """Joins the segments' outputs in token order, zeros where no block acts.
