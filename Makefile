@@ -1,11 +1,12 @@
 # Two commands do all the set-up on a fresh machine with Python 3.11 and pip:
-#   make demo   # the main job (see README)
+#   make demo   # the main job (see README); DEMO_FLAGS='--data_config=tiny ...' for a quick one
 #   make test   # the test suite
 PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 RUN_DIR ?= runs/demo
+DEMO_FLAGS ?=
 
 .PHONY: demo test install clean bench
 
@@ -26,7 +27,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 demo: $(STAMP)
-	$(PY) -m omni_smola.demo --run_dir=$(RUN_DIR)
+	$(PY) -m omni_smola.demo --run_dir=$(RUN_DIR) $(DEMO_FLAGS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/adapter_layer.py

@@ -12,11 +12,16 @@ defaults (split, batch size, batches per task, ...) are in
 omni_smola/analysis/analyze.gin; the flags are the train binary's (see
 `omni_smola.launching`). Runs in one process.
 """
+if __name__ == "__main__":
+  from omni_smola import console  # pylint: disable=g-import-not-at-top
+  console.hold_native_stderr()  # before TensorFlow loads and prints its start-up lines
+
 import os
 from typing import Sequence
 
 from absl import logging
 
+from omni_smola import console
 from omni_smola import launching
 
 FLAGS = launching.FLAGS
@@ -33,6 +38,7 @@ def parse_config(gin_files: Sequence[str], gin_bindings: Sequence[str],
 def main(argv):
   if len(argv) > 1:
     raise SystemExit(f"unexpected arguments: {argv[1:]}")
+  console.quiet_terminal()
   if FLAGS.tfds_data_dir:
     import seqio  # pylint: disable=g-import-not-at-top
     seqio.set_tfds_data_dir_override(FLAGS.tfds_data_dir)
@@ -40,6 +46,7 @@ def main(argv):
   def run():
     from omni_smola.analysis import routing  # pylint: disable=g-import-not-at-top
     parse_config(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_paths)
+    launching.start_log_file(launching.macro_value("ANALYSIS_OUTPUT_DIR"), "analyze")
     return routing.analyze()
 
   summary = launching.exit_on_user_error(run)

@@ -15,21 +15,28 @@ Every phase goes through the binaries' own code (gin files parsed as
 `eval.evaluate`), in this one process. Checkpoints, TensorBoard logs
 (RUN_DIR/<run>/train), metrics.json and predictions stay under RUN_DIR; a second
 `make demo` resumes or skips what is done. `tensorboard --logdir RUN_DIR` shows
-the curves.
+the curves. The terminal shows one line per phase, the training progress and the
+table; RUN_DIR/demo.log has everything, libraries' logs included (`omni_smola.console`).
 """
+if __name__ == "__main__":
+  from omni_smola import console  # pylint: disable=g-import-not-at-top
+  console.hold_native_stderr()  # before TensorFlow loads and prints its start-up lines
+
 import json
 import os
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 from absl import app
 from absl import flags
 from absl import logging
 import gin
 
+from omni_smola import console
 from omni_smola import eval as eval_lib
 from omni_smola import launching
-from omni_smola.training import trainer
+from omni_smola.evaluation import evaluator, tables
+from omni_smola.training import checkpointing, trainer
 
 flags.DEFINE_string("run_dir", "runs/demo", "Where everything the demo makes goes.")
 flags.DEFINE_integer("pretrain_steps", None, "Overrides the backbone's TRAIN_STEPS.")
@@ -45,8 +52,8 @@ RUNS = (
     ("omni_smola", "experiments/mini_generalist.gin", "adapters/omni_smola.gin",
      "Omni-SMoLA"),
 )
-# The metric shown per task, by preference; tasks report one or two of these.
-MAIN_METRICS = ("cider", "exact_match", "anls", "vqa_accuracy", "relaxed_accuracy")
+# What a finished evaluation of a run is kept under, to be reused by the next demo.
+EVAL_RECORD = "demo_eval.json"
 
 
 def _configure(gin_files: Sequence[str], bindings: Dict[str, object]) -> None:
@@ -56,63 +63,53 @@ def _configure(gin_files: Sequence[str], bindings: Dict[str, object]) -> None:
                       [launching.REPO_GIN_CONFIGS])
 
 
+def _data_bindings() -> Dict[str, object]:
+  if FLAGS.data_config == "tiny":
+    return {"MIXTURE_OR_TASK_NAME": "mini_generalist_tiny"}
+  return {}
+
+
 def _train(name: str, experiment: str, run_dir: str, steps: Optional[int]) -> None:
-  bindings = {"MODEL_DIR": os.path.join(run_dir, name)}
+  bindings = {"MODEL_DIR": os.path.join(run_dir, name), **_data_bindings()}
   if name != "backbone":
     bindings["INITIAL_CHECKPOINT_PATH"] = os.path.join(run_dir, "backbone")
   if steps:
     bindings["TRAIN_STEPS"] = steps
-  if FLAGS.data_config == "tiny":
-    bindings["MIXTURE_OR_TASK_NAME"] = "mini_generalist_tiny"
   _configure([experiment], bindings)
   start = time.time()
   result = trainer.train()
-  logging.info("%s: trained to step %d in %.0f s", name, result.step, time.time() - start)
+  logging.info("[demo] %s: at step %d after %.0f s", name, result.step, time.time() - start)
 
 
 def _evaluate(name: str, adapters: str, run_dir: str) -> Dict[str, Dict[str, float]]:
+  """{task: {metric: value}} of the run's latest checkpoint; reused when done before."""
+  output_dir = os.path.join(run_dir, name, "eval")
   bindings = {"CHECKPOINT_PATH": os.path.join(run_dir, name),
-              "EVAL_OUTPUT_DIR": os.path.join(run_dir, name, "eval")}
+              "EVAL_OUTPUT_DIR": output_dir, **_data_bindings()}
   if FLAGS.eval_examples:
     bindings["EVAL_NUM_EXAMPLES"] = FLAGS.eval_examples
-  if FLAGS.data_config == "tiny":
-    bindings["MIXTURE_OR_TASK_NAME"] = "mini_generalist_tiny"
+  step = checkpointing.step_of(checkpointing.resolve_checkpoint(bindings["CHECKPOINT_PATH"]))
+  settings = {"step": step, "data_config": FLAGS.data_config,
+              "eval_examples": FLAGS.eval_examples}
+  record_path = os.path.join(output_dir, EVAL_RECORD)
+  if os.path.exists(record_path):
+    with open(record_path) as f:
+      record = json.load(f)
+    if record["settings"] == settings:
+      logging.info("[demo] %s: step %d evaluated before (%s), not again", name, step,
+                   record_path)
+      return record["results"]
   _configure(["experiments/mini_eval.gin", adapters], bindings)
   start = time.time()
   results = eval_lib.evaluate()
-  logging.info("%s: evaluated in %.0f s", name, time.time() - start)
-  return results[max(results)]
-
-
-def main_metric(metrics: Dict[str, float]) -> str:
-  for name in MAIN_METRICS:
-    if name in metrics:
-      return name
-  return sorted(metrics)[0]
-
-
-def format_table(results: Dict[str, Dict[str, Dict[str, float]]],
-                 labels: Sequence[str]) -> str:
-  """Markdown: one row per task (its main metric), one column per run, then the mean."""
-  tasks = sorted({task for run in results.values() for task in run})
-  lines = ["| task | metric | " + " | ".join(labels) + " |",
-           "|---|---|" + "---:|" * len(labels)]
-  means: Dict[str, List[float]] = {label: [] for label in labels}
-  for task in tasks:
-    metric = main_metric(next(results[l][task] for l in labels if task in results[l]))
-    cells = []
-    for label in labels:
-      value = results[label].get(task, {}).get(metric)
-      cells.append("-" if value is None else f"{value:.1f}")
-      if value is not None:
-        means[label].append(value)
-    lines.append(f"| {task} | {metric} | " + " | ".join(cells) + " |")
-  lines.append("| **mean** | | " + " | ".join(
-      f"**{sum(v) / len(v):.1f}**" if v else "-" for v in means.values()) + " |")
-  return "\n".join(lines)
+  logging.info("[demo] %s: evaluated in %.0f s", name, time.time() - start)
+  latest = results[max(results)]
+  evaluator.write_json_atomically(record_path, {"settings": settings, "results": latest})
+  return latest
 
 
 def run_demo(run_dir: str) -> str:
+  """Every phase; returns the table (also printed, and written to RUN_DIR/results.md)."""
   import jax  # pylint: disable=g-import-not-at-top
   import seqio  # pylint: disable=g-import-not-at-top
   import tasks.mini  # pylint: disable=g-import-not-at-top
@@ -124,30 +121,33 @@ def run_demo(run_dir: str) -> str:
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
   data_dir = os.path.join(run_dir, "tfds")
   seqio.set_tfds_data_dir_override(data_dir)
-  logging.info("[demo] preparing the mini mixture (%s) in %s", FLAGS.data_config, data_dir)
+  logging.info("[demo] data: the mini mixture (%s config) in %s", FLAGS.data_config, data_dir)
   tasks.mini.prepare(FLAGS.data_config, data_dir=data_dir)
-  logging.info("[demo] data ready after %.0f s", time.time() - start)
+  logging.info("[demo] data: ready after %.0f s", time.time() - start)
 
-  results = {}
-  for name, experiment, adapters, label in RUNS:
+  for name, experiment, _, _ in RUNS:
     steps = FLAGS.pretrain_steps if name == "backbone" else FLAGS.generalist_steps
     logging.info("[demo] training %s (%s) after %.0f s", name, experiment, time.time() - start)
     _train(name, experiment, run_dir, steps)
-  for name, experiment, adapters, label in RUNS:
+  results = {}
+  for name, _, adapters, label in RUNS:
     logging.info("[demo] evaluating %s after %.0f s", name, time.time() - start)
     results[label] = _evaluate(name, adapters, run_dir)
 
-  labels = [label for *_, label in RUNS]
-  table = format_table(results, labels)
+  table = tables.format_table(results, [label for *_, label in RUNS])
   elapsed = time.time() - start
-  with open(os.path.join(run_dir, "results.json"), "w") as f:
-    json.dump({"results": results, "wall_seconds": elapsed}, f, indent=1, sort_keys=True)
-  with open(os.path.join(run_dir, "results.md"), "w") as f:
+  evaluator.write_json_atomically(os.path.join(run_dir, "results.json"),
+                                      {"results": results, "wall_seconds": elapsed})
+  with open(os.path.join(run_dir, "results.md") + ".tmp", "w") as f:
     f.write(table + "\n")
+  os.replace(os.path.join(run_dir, "results.md") + ".tmp", os.path.join(run_dir, "results.md"))
+  warnings = console.library_warning_count()
   summary = (f"\nmini_generalist, validation ({FLAGS.eval_examples or 'EVAL_NUM_EXAMPLES'} "
              f"examples per task), frozen mini backbone + adapters:\n\n{table}\n\n"
              f"Demo wall time: {elapsed / 60:.1f} min. Checkpoints, TensorBoard logs and "
-             f"predictions are in {run_dir} (tensorboard --logdir {run_dir}).")
+             f"predictions are in {run_dir} (tensorboard --logdir {run_dir}); the full log "
+             f"is {os.path.join(run_dir, 'demo.log')}"
+             + (f" ({warnings} library warnings)." if warnings else "."))
   print(summary, flush=True)
   return table
 
@@ -155,8 +155,9 @@ def run_demo(run_dir: str) -> str:
 def main(argv):
   if len(argv) > 1:
     raise SystemExit(f"unexpected arguments: {argv[1:]}")
-  launching.quiet_library_logs()
   logging.set_verbosity(logging.INFO)
+  console.quiet_terminal()
+  launching.start_log_file(os.path.abspath(FLAGS.run_dir), "demo")
   launching.exit_on_user_error(lambda: run_demo(FLAGS.run_dir))
 
 

@@ -14,6 +14,8 @@ EVAL_OUTPUT_DIR/predictions/<task>-<step>.jsonl.
 import sys
 
 if __name__ == "__main__":
+  from omni_smola import console  # pylint: disable=g-import-not-at-top
+  console.hold_native_stderr()  # before TensorFlow loads and prints its start-up lines
   # Run as `python -m omni_smola.eval`: gin files `import omni_smola.eval`, which must be
   # this module (not a second copy defining its flags and configurables again).
   sys.modules.setdefault("omni_smola.eval", sys.modules[__name__])
@@ -24,7 +26,9 @@ from absl import logging
 import gin
 import jax
 
+from omni_smola import console
 from omni_smola import launching
+from omni_smola.evaluation import tables
 from omni_smola.evaluation.evaluator import ModelEvaluator
 from omni_smola.training import checkpointing, data_iterator, partitioned_step, trainer
 
@@ -69,7 +73,8 @@ def evaluate(*, model, dataset_cfg: data_iterator.DatasetConfig, checkpoint_path
   results = {}
   for step, path in checkpoints:
     step = checkpointing.step_of(path) if step is None else step
-    logging.info("Evaluating %s (step %d) on %s", path, step, evaluator.task_names)
+    logging.info("Evaluating %s (step %d) on %d tasks", path, step, len(evaluator.task_names))
+    logging.info("Tasks: %s", evaluator.task_names, extra=console.FILE_ONLY)
     params = checkpointing.restore_params(path, target,
                                           require_adapters=not allow_missing_adapters)
     results[step] = evaluator.evaluate(params, max(step, 0))
@@ -83,9 +88,14 @@ def main(argv):
 
   def run():
     launching.parse_gin_from_flags()
+    launching.start_log_file(launching.macro_value("EVAL_OUTPUT_DIR"), "eval")
     return evaluate()
 
-  launching.exit_on_user_error(run)
+  results = launching.exit_on_user_error(run)
+  if jax.process_index() == 0:
+    steps = sorted(results)
+    print(tables.format_table({f"step {step}": results[step] for step in steps},
+                              [f"step {step}" for step in steps]), flush=True)
 
 
 def console_entry_point():

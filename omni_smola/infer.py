@@ -14,6 +14,8 @@ and EOS-terminated, as the training tasks do.
 import sys
 
 if __name__ == "__main__":
+  from omni_smola import console  # pylint: disable=g-import-not-at-top
+  console.hold_native_stderr()  # before TensorFlow loads and prints its start-up lines
   # Run as `python -m omni_smola.infer`: gin files `import omni_smola.infer`, which must be
   # this module (not a second copy defining its flags and configurables again).
   sys.modules.setdefault("omni_smola.infer", sys.modules[__name__])
@@ -128,6 +130,7 @@ def main(argv):
 
   def run():
     launching.parse_gin_from_flags()
+    launching.start_log_file(launching.macro_value("INFER_OUTPUT_DIR"), "infer")
     overrides = {}
     if FLAGS.decoding:
       overrides["decoding"] = FLAGS.decoding

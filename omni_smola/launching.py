@@ -19,12 +19,14 @@ import difflib
 import os
 import re
 import sys
+import tempfile
 from typing import Iterable, List, Optional, Sequence
 
 from absl import flags
 from absl import logging
 import gin
 
+from omni_smola import console
 from omni_smola import gin_files as gin_files_lib
 
 REPO_GIN_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -144,10 +146,7 @@ def _import_task_modules() -> None:
   """Imports MIXTURE_OR_TASK_MODULE now: task modules may register gin configurables,
   which gin refuses once the config is final."""
   import importlib  # pylint: disable=g-import-not-at-top
-  try:
-    modules = gin.query_parameter("MIXTURE_OR_TASK_MODULE/macro.value")
-  except ValueError:
-    return
+  modules = macro_value("MIXTURE_OR_TASK_MODULE")
   for module in [modules] if isinstance(modules, str) else list(modules or ()):
     importlib.import_module(module)
 
@@ -156,25 +155,24 @@ def parse_gin_from_flags(finalize: bool = True) -> None:
   parse_gin(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_paths, finalize)
 
 
-class _QuietLibraries:
-  """A logging filter dropping the INFO chatter of Orbax and TensorStore."""
-
-  NOISY = (os.sep + "orbax" + os.sep, os.sep + "tensorstore", os.sep + "etils" + os.sep)
-
-  def filter(self, record) -> bool:
-    import logging as std_logging  # pylint: disable=g-import-not-at-top
-    if record.pathname.endswith(os.path.join("seqio", "evaluation.py")) and (
-        "sequence lengths" in record.getMessage()):
-      return False  # fixed eval lengths (one compiled shape) are longer than some tasks need
-    return record.levelno >= std_logging.WARNING or not any(
-        n in record.pathname for n in self.NOISY)
+def macro_value(name: str, default=None):
+  """The value gin's macro NAME is bound to (`default` when it is not bound)."""
+  try:
+    return gin.query_parameter(f"{name}/macro.value")
+  except ValueError:
+    return default
 
 
-def quiet_library_logs() -> None:
-  """Keeps the console to our own progress lines (library warnings still show)."""
-  handler = logging.get_absl_handler()
-  if not any(isinstance(f, _QuietLibraries) for f in handler.filters):
-    handler.addFilter(_QuietLibraries())
+def start_log_file(directory: Optional[str], binary: str) -> str:
+  """The run's log file, `<directory>/<binary>.log` (one per process on multi-host).
+
+  A directory on an object store (gs://...), or none, puts it in the local temp dir.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  suffix = f".process_{jax.process_index()}" if jax.process_count() > 1 else ""
+  if not directory or "://" in str(directory):
+    directory = os.path.join(tempfile.gettempdir(), "omni_smola_logs")
+  return console.log_to(os.path.join(str(directory), f"{binary}{suffix}.log"))
 
 
 def initialize_distributed(coordinator_address: Optional[str] = None,
@@ -199,7 +197,7 @@ def initialize_distributed(coordinator_address: Optional[str] = None,
 
 def initialize_from_flags() -> None:
   """Multi-host start-up and the TFDS data dir, from the flags."""
-  quiet_library_logs()
+  console.quiet_terminal()
   initialize_distributed(FLAGS.coordinator_address, FLAGS.process_count, FLAGS.process_index)
   if FLAGS.tfds_data_dir:
     import seqio  # pylint: disable=g-import-not-at-top

@@ -9,6 +9,10 @@ saving a checkpoint on SIGTERM (preemption), 1 with a one-line message on bad
 input or a non-finite loss. See `omni_smola.training.trainer.train` for what gin
 binds and `omni_smola.launching` for the flags.
 """
+if __name__ == "__main__":
+  from omni_smola import console  # pylint: disable=g-import-not-at-top
+  console.hold_native_stderr()  # before TensorFlow loads and prints its start-up lines
+
 from absl import logging
 
 from omni_smola import launching
@@ -24,6 +28,7 @@ def main(argv):
 
   def run():
     launching.parse_gin_from_flags()
+    launching.start_log_file(launching.macro_value("MODEL_DIR"), "train")
     return trainer.train()
 
   result = launching.exit_on_user_error(run)

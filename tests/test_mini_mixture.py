@@ -177,3 +177,23 @@ def test_rendered_images_are_64px_rgb():
     assert image.shape == (64, 64, 3) and image.dtype == np.uint8
     assert image.std() > 5, subtask  # something is drawn
     PIL.Image.fromarray(image)
+
+
+def test_vl_tasks_never_cache_their_source_in_memory(data_dir):
+  # seqio (under 10,000 examples) and TFDS (small unshuffled splits) cache on their own;
+  # evaluation then reads `num_examples` of the cache, tf.data throws the partial cache
+  # away and warns.
+  task = seqio.get_mixture_or_task("mini_shapes_count_tiny")
+  mixture = seqio.get_mixture_or_task("mini_generalist_tiny")
+  assert isinstance(task, data.VLTask)
+  datasets = {
+      "task": task.get_dataset(LENGTHS, split="validation", shuffle=False, num_epochs=1),
+      "task asked to cache": task.get_dataset(LENGTHS, split="validation", shuffle=False,
+                                              num_epochs=1, try_in_mem_cache=True),
+      "mixture": mixture.get_dataset(LENGTHS, split="train", shuffle=True, seed=0),
+  }
+  for name, dataset in datasets.items():
+    graph = dataset._as_serialized_graph().numpy()  # pylint: disable=protected-access
+    assert b"CacheDataset" not in graph, name
+  rows = list(datasets["task"].take(3).as_numpy_iterator())
+  assert len(rows) == 3 and all(row["targets"].size for row in rows)

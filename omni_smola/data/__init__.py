@@ -17,6 +17,8 @@ from omni_smola.data.images import resize_and_normalize
 from omni_smola.data.images import skipped_image_counts
 from omni_smola.data.preprocessors import CAPTION_PROMPT
 from omni_smola.data.preprocessors import VQA_PROMPT
+from omni_smola.data.registration import VLTask
+from omni_smola.data.registration import VLTfdsSource
 from omni_smola.data.registration import register_vl_mixture
 from omni_smola.data.registration import register_vl_task
 from omni_smola.data.registration import tfds_source

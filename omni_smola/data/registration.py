@@ -12,6 +12,7 @@ mixture of the same name, so re-importing (or reloading) a registration module n
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Callable, Mapping, Optional, Sequence, Union
 
@@ -38,15 +39,53 @@ def vl_output_features(vocabulary: seqio.Vocabulary) -> dict[str, seqio.Feature]
   }
 
 
+class _LoaderWithoutAutocache(seqio.utils.LazyTfdsLoader):
+  """seqio's TFDS loader, reading with TFDS's automatic in-memory cache off."""
+
+  @property
+  def read_config(self) -> tfds.ReadConfig:
+    # A copy: seqio sets fields on what this returns, and the base may return a global.
+    return dataclasses.replace(super().read_config, try_autocache=False)
+
+
+class VLTfdsSource(seqio.TfdsDataSource):
+  """A TFDS source that never caches a split in memory of its own accord.
+
+  TFDS caches small unshuffled splits (`ReadConfig.try_autocache`), which is what
+  evaluation reads; it then takes `num_examples` of them. See `VLTask` for why caching
+  encoded images buys nothing and why a partly read cache warns.
+  """
+
+  def __init__(self, *args, **kwargs):
+    super().__init__(*args, **kwargs)
+    self._tfds_dataset.__class__ = _LoaderWithoutAutocache  # the loader seqio just built
+
+
 def tfds_source(tfds_name: str, splits: Optional[Union[Sequence[str], Mapping[str, str]]] = None,
-                tfds_data_dir: Optional[str] = None) -> seqio.TfdsDataSource:
+                tfds_data_dir: Optional[str] = None) -> VLTfdsSource:
   """A read-only TFDS source whose images stay encoded (the task decodes them).
 
   Read-only: a dataset that is not prepared fails with TFDS's own error instead of trying
   to download (real datasets are built from manual downloads; see tasks/builders).
   """
-  return seqio.TfdsDataSource(tfds_name=tfds_name, tfds_data_dir=tfds_data_dir, splits=splits,
-                              decoders={"image": tfds.decode.SkipDecoding()}, read_only=True)
+  return VLTfdsSource(tfds_name=tfds_name, tfds_data_dir=tfds_data_dir, splits=splits,
+                      decoders={"image": tfds.decode.SkipDecoding()}, read_only=True)
+
+
+class VLTask(seqio.Task):
+  """A seqio.Task that never caches its source in memory of its own accord.
+
+  seqio caches any split under 10,000 examples in memory (`try_in_mem_cache`). For VL
+  tasks that holds up to 10,000 encoded images per task and host, and buys little: reading
+  TFDS records is cheap next to decoding the images, which happens after the cache anyway.
+  Evaluation reads `num_examples` of such a cache and drops the rest, so tf.data discards
+  the partial cache (and warns, once per task and evaluation); training stopped mid-epoch
+  does the same.
+  """
+
+  def get_dataset(self, *args, try_in_mem_cache: bool = False, **kwargs) -> tf.data.Dataset:
+    del try_in_mem_cache  # seqio's mixtures pass True; see the class docstring
+    return super().get_dataset(*args, try_in_mem_cache=False, **kwargs)
 
 
 def _resolve_vocabulary(vocabulary: Union[str, seqio.Vocabulary]) -> seqio.Vocabulary:
@@ -101,6 +140,7 @@ def register_vl_task(
     seqio.TaskRegistry.remove(name)
   return seqio.TaskRegistry.add(
       name,
+      task_cls=VLTask,
       source=source,
       preprocessors=task_preprocessors,
       output_features=vl_output_features(_resolve_vocabulary(vocabulary)),

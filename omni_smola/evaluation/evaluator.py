@@ -24,7 +24,9 @@ import seqio
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from omni_smola import console
 from omni_smola.data import PaliFeatureConverter
+from omni_smola.evaluation import tables
 from omni_smola.training import partitioned_step
 
 METRICS_FILE = "metrics.json"
@@ -77,7 +79,7 @@ class PredictionsJsonlLogger(seqio.Logger):
             line[key] = _text(inferences[key][index])
         f.write(json.dumps(line, ensure_ascii=False) + "\n")
     tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
-    logging.info("Wrote %s", path)
+    logging.info("Wrote %s", path, extra=console.FILE_ONLY)
 
 
 def scalar_metrics(task_metrics: Mapping[str, Any]) -> Dict[str, float]:
@@ -208,7 +210,13 @@ class ModelEvaluator:
     write_json_atomically(path, history)
     for task, metrics in results.items():
       logging.info("eval step %d %s: %s", step, task,
-                   ", ".join(f"{k}={v:.2f}" for k, v in sorted(metrics.items())))
+                   ", ".join(f"{k}={v:.2f}" for k, v in sorted(metrics.items())),
+                   extra=console.FILE_ONLY)
+    main_values = [metrics[tables.main_metric(metrics)] for metrics in results.values()
+                   if metrics]
+    logging.info("eval step %d: %d tasks, mean of their main metrics %.2f (per task: %s)",
+                 step, len(results), float(np.mean(main_values)) if main_values else 0.0,
+                 path)
     if self.writer is not None:
       self.writer.write_scalars(step, {f"{task}/{name}": value
                                        for task, metrics in results.items()

@@ -12,8 +12,9 @@ mesh and the rules, so the model's own `with_logical_constraint`s apply.
 """
 import contextlib
 import functools
-from typing import Any, Callable, Dict, Mapping, Optional
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
+from flax import traverse_util
 import flax.linen as nn
 import gin
 import jax
@@ -156,18 +157,30 @@ def jit_params_fn(partitioner: Partitioner, fn: Callable, params_sharding,
   return run
 
 
-def init_params(partitioner: Partitioner, model, rng, input_shapes, params_sharding):
-  """Fresh parameters (unboxed), initialised directly in their sharded layout."""
+def init_params(partitioner: Partitioner, model, rng, input_shapes, params_sharding,
+                keep: Optional[Callable[[Tuple[str, ...]], bool]] = None):
+  """Fresh parameters (unboxed), initialised directly in their sharded layout.
+
+  `keep(path)`: only the parameters it accepts (e.g. the adapters a pretrained backbone
+  lacks). XLA then drops the others' initialisation from the program, so neither their
+  memory nor their random-number work is spent.
+  """
+  def subtree(tree):
+    if keep is None:
+      return tree
+    flat = traverse_util.flatten_dict(dict(tree))
+    return traverse_util.unflatten_dict({k: v for k, v in flat.items() if keep(k)})
+
   def init(rng):
     variables = model.get_initial_variables(rng, input_shapes)
-    return jax.tree_util.tree_map(
+    return subtree(jax.tree_util.tree_map(
         lambda x: x.value if isinstance(x, nn.meta.AxisMetadata) else x, variables["params"],
-        is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+        is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata)))
 
   # Outside the rules: `out_shardings` lays the parameters out, so no constraint is
   # needed inside the init.
   with jax.set_mesh(partitioner.mesh):
-    return jax.jit(init, out_shardings=params_sharding)(rng)
+    return jax.jit(init, out_shardings=subtree(params_sharding))(rng)
 
 
 def abstract_variables(model, input_shapes) -> Dict[str, Any]:

@@ -16,6 +16,7 @@
 """
 import dataclasses
 import os
+import re
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from absl import logging
@@ -187,6 +188,13 @@ def train(*, model, model_dir: str, train_dataset_cfg: data_iterator.DatasetConf
   latest = checkpointer.latest_step() if model_dir else None
   _validate(model_dir, train_dataset_cfg, infer_eval_dataset_cfg, train_steps,
             initial_checkpoint_path, resuming=latest is not None)
+  if latest is not None and latest >= train_steps:
+    # Before building anything: a finished run relaunched (a second `make demo`, a pod
+    # job restarted after its last step) exits at once instead of restoring its state.
+    logging.info("Step %d already reaches TRAIN_STEPS=%d: nothing to train", latest,
+                 train_steps)
+    checkpointer.close()
+    return TrainResult(step=latest)
   partitioner = partitioner if partitioner is not None else partitioned_step.Partitioner()
   data_iterator.check_batch_size(train_dataset_cfg.batch_size, partitioner.data_parallel_size)
   tx = optimizer.tx
@@ -206,10 +214,16 @@ def train(*, model, model_dir: str, train_dataset_cfg: data_iterator.DatasetConf
                        opt_state=restored["opt_state"])
     skip = data_iterator.batches_to_skip(position, train_dataset_cfg)
   else:
-    def fresh_params():
+    def fresh_params(keep=None):
       return partitioned_step.init_params(partitioner, model, init_rng,
                                           input_shapes(model, train_dataset_cfg),
-                                          layout.params_sharding)
+                                          layout.params_sharding, keep=keep)
+
+    def may_be_missing(path):
+      """What a pretrained checkpoint may lack (the rest is never initialised)."""
+      name = "/".join(path)
+      return checkpointing.is_adapter_path(path) or any(
+          re.search(p, name) for p in initial_checkpoint_allow_missing)
 
     if initial_checkpoint_path:
       logging.info("Initialising from %s (adapters fresh)", initial_checkpoint_path)
@@ -217,7 +231,8 @@ def train(*, model, model_dir: str, train_dataset_cfg: data_iterator.DatasetConf
           initial_checkpoint_path,
           partitioned_step.with_sharding(layout.abstract_params, layout.params_sharding),
           allow_missing=initial_checkpoint_allow_missing,
-          ignore_unexpected=initial_checkpoint_ignore_unexpected, init_fn=fresh_params)
+          ignore_unexpected=initial_checkpoint_ignore_unexpected,
+          init_fn=lambda: fresh_params(keep=may_be_missing))
     else:
       params = fresh_params()
     trainable, frozen = split_params(params, layout.mask)
@@ -230,12 +245,6 @@ def train(*, model, model_dir: str, train_dataset_cfg: data_iterator.DatasetConf
 
   start = int(np.asarray(jax.device_get(state.step)))
   result = TrainResult(step=start)
-  if start >= train_steps:
-    logging.info("Step %d already reaches TRAIN_STEPS=%d: nothing to train", start,
-                 train_steps)
-    checkpointer.close()
-    return result
-
   batches = data_iterator.TrainBatches(train_dataset_cfg, image_size_of(model),
                                        partitioner.data_parallel_size, batches_to_skip=skip)
   example = next(batches)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import io
 import os
 from typing import Optional
 
@@ -17,6 +18,8 @@ from absl import logging
 import seqio
 import tensorflow_datasets as tfds
 
+from omni_smola import console
+from omni_smola.data import registration
 from tasks.mini import builder as mini_builder
 from tasks.mini.common import SPLITS
 
@@ -68,8 +71,11 @@ def prepare_builder(builder: tfds.core.DatasetBuilder) -> tfds.core.DatasetBuild
     else:
       logging.info("Generating the mini dataset %s into %s", builder.info.full_name,
                    builder.data_dir)
-      builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-          try_download_gcs=False, compute_stats=tfds.download.ComputeStatsMode.SKIP))
+      # TFDS prints its "Downloading and preparing" lines to stdout: keep them for the log.
+      with contextlib.redirect_stdout(io.StringIO()) as printed:
+        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+            try_download_gcs=False, compute_stats=tfds.download.ComputeStatsMode.SKIP))
+      logging.info("TFDS: %s", printed.getvalue().strip(), extra=console.FILE_ONLY)
   return builder
 
 
@@ -83,7 +89,7 @@ def prepare(config: str = "full", data_dir: Optional[str] = None) -> tfds.core.D
   return prepare_builder(tfds.builder(tfds_name(config), data_dir=resolve_data_dir()))
 
 
-class MiniTfdsSource(seqio.TfdsDataSource):
+class MiniTfdsSource(registration.VLTfdsSource):
   """The mini dataset's splits of one sub-task; builds the dataset on first use."""
 
   def __init__(self, config: str, subtask: str):

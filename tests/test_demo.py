@@ -1,0 +1,112 @@
+"""`make demo` end to end, as a new user runs it: from the repository root, into runs/.
+
+The command is the Makefile's own recipe (`make -n demo`), with the tiny data config and a
+few steps per phase passed through DEMO_FLAGS, run from the repository root where the
+demo's `runs/` folder sits on the import path (`python -m`), which is what once broke
+gin's include resolution.
+"""
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import uuid
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TASKS = ("digits_qa", "photo_caption", "photo_qa", "shapes_caption", "shapes_color_qa",
+         "shapes_count", "shapes_spatial_qa", "text_caption", "text_read")
+COLUMNS = ("backbone", "LoRA", "Omni-SMoLA")
+DEMO_FLAGS = "--data_config=tiny --pretrain_steps=2 --generalist_steps=2 --eval_examples=2"
+# A terminal log line (console.TERMINAL_FORMAT): level, date, time, the file that logged it.
+LOG_LINE = re.compile(r"^[IWEF]\d{4} [\d:]+ ([\w.]+):\d+\] ")
+
+
+def our_source_files():
+  names = set()
+  for package in ("omni_smola", "tasks"):
+    for _, _, files in os.walk(os.path.join(REPO, package)):
+      names.update(f for f in files if f.endswith(".py"))
+  return names
+
+
+def make_demo_command(run_dir: str):
+  """What `make demo` runs (its last recipe line), with this interpreter as the venv's."""
+  dry_run = subprocess.run(
+      ["make", "-s", "-n", "demo", f"PY={sys.executable}", f"RUN_DIR={run_dir}",
+       f"DEMO_FLAGS={DEMO_FLAGS}"], cwd=REPO, capture_output=True, text=True, check=True)
+  return shlex.split(dry_run.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def run_dir():
+  """runs/<unique> under the repository root, as the default RUN_DIR=runs/demo is."""
+  runs = os.path.join(REPO, "runs")
+  made_runs = not os.path.isdir(runs)
+  relative = os.path.join("runs", f"test-demo-{uuid.uuid4().hex[:8]}")
+  yield relative
+  shutil.rmtree(os.path.join(REPO, relative), ignore_errors=True)
+  if made_runs and not os.listdir(runs):
+    os.rmdir(runs)
+
+
+def run_demo(run_dir: str) -> subprocess.CompletedProcess:
+  env = dict(os.environ)
+  env.pop("PYTHONPATH", None)  # as from a shell: `python -m` puts the cwd on the path
+  result = subprocess.run(make_demo_command(run_dir), cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=900)
+  assert result.returncode == 0, result.stderr[-5000:]
+  return result
+
+
+def table_rows(stdout: str):
+  """{task: [cell per column]} of the printed Markdown table, and its header."""
+  lines = [line for line in stdout.splitlines() if line.startswith("|")]
+  header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+  rows = {}
+  for line in lines[2:]:
+    cells = [cell.strip() for cell in line.strip("|").split("|")]
+    rows[cells[0]] = cells[2:]
+  return header, rows
+
+
+@pytest.fixture(scope="module")
+def first_and_second(run_dir):
+  return run_demo(run_dir), run_demo(run_dir)
+
+
+def test_the_demo_prints_a_row_per_task_and_a_column_per_model(first_and_second):
+  first, _ = first_and_second
+  header, rows = table_rows(first.stdout)
+  assert header == ["task", "metric", *COLUMNS]
+  assert set(rows) == {f"mini_{task}_tiny" for task in TASKS} | {"**mean**"}
+  for task, cells in rows.items():
+    assert len(cells) == len(COLUMNS), (task, cells)
+    for cell in cells:
+      assert 0.0 <= float(cell.strip("*")) <= 1000.0, (task, cells)  # CIDEr goes past 100
+
+
+def test_the_terminal_shows_our_lines_and_the_log_file_the_libraries(first_and_second, run_dir):
+  first, _ = first_and_second
+  ours = our_source_files()
+  for line in first.stderr.splitlines():
+    if not line.strip():
+      continue
+    match = LOG_LINE.match(line)
+    assert match and match.group(1) in ours, f"not one of our log lines: {line!r}"
+  phases = [line for line in first.stderr.splitlines() if "] [demo] " in line]
+  assert len(phases) >= 8, phases  # data, 3 x training, 3 x evaluation, each with a line
+  assert re.search(r"step 2/2\s+loss [0-9.]+", first.stderr)  # training progress
+  log = open(os.path.join(REPO, run_dir, "demo.log")).read()
+  assert "dataset_providers.py" in log or "reader.py" in log  # seqio / TFDS INFO lines
+  assert "[demo] evaluating omni_smola" in log  # our own lines too
+  assert "did not fully read the dataset being cached" not in log  # fixed at its source
+
+
+def test_a_second_demo_skips_what_is_done_and_prints_the_same_table(first_and_second):
+  first, second = first_and_second
+  assert table_rows(second.stdout) == table_rows(first.stdout)
+  assert second.stderr.count("nothing to train") == 3, second.stderr[-3000:]
+  assert second.stderr.count("evaluated before") == 3, second.stderr[-3000:]
