@@ -11,6 +11,10 @@ works too). It reads `MODEL`, `TASK_FEATURE_LENGTHS` (default {'inputs': 32,
 a table (see `omni_smola.accounting` for what is counted and the token assumptions)
 and, with `--output`, writes the full account as JSON.
 """
+if __name__ == "__main__":
+  from omni_smola import console  # pylint: disable=g-import-not-at-top
+  console.hold_native_stderr()  # before TensorFlow loads and prints its start-up lines
+
 import json
 import os
 import sys
@@ -20,6 +24,7 @@ from absl import flags
 import gin
 
 from omni_smola import accounting
+from omni_smola import console
 from omni_smola import launching
 
 flags.DEFINE_string("output", None, "Write the accounting as JSON to this path.")
@@ -195,6 +200,8 @@ def _describe(spec: Mapping[str, Any]) -> str:
 def main(argv):
   if len(argv) > 1:
     raise SystemExit(f"unexpected arguments: {argv[1:]}")
+  console.quiet_terminal()
+  launching.start_log_file(None, "params")
 
   def run():
     parse_config(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_paths)

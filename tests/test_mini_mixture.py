@@ -137,6 +137,8 @@ def test_every_shipped_photo_loads_offline_with_its_recorded_aspect():
 
 def test_data_dir_precedence(monkeypatch):
   explicit = mini.source._explicit_data_dir  # pylint: disable=protected-access
+  # Whatever an earlier test in this process set (the trainer tests set seqio's override).
+  monkeypatch.setattr(seqio.utils, "_TFDS_DATA_DIR_OVERRIDE", None)
   try:
     mini.set_data_dir(None)
     monkeypatch.delenv(mini.DATA_DIR_ENV, raising=False)
