@@ -24,7 +24,7 @@ $(STAMP): setup.py | $(PY)
 install: $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadgroup --no-loadscope-reorder tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder tests
 
 demo: $(STAMP)
 	$(PY) -m omni_smola.demo --run_dir=$(RUN_DIR) $(DEMO_FLAGS)

@@ -5,34 +5,30 @@ import sys
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+# Tests check behaviour, not speed: LLVM's optimisations of XLA's CPU code cost a fifth of
+# the suite's compile time, and a test's few steps never win it back. HLO-level passes and
+# numerics are unchanged (XLA's CPU fast math stays off). Subprocesses inherit it.
+if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             " --xla_backend_optimization_level=0").strip()
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import pytest  # noqa: E402
-
-# How `make test` spreads the files over its two workers (`-n 2 --dist loadgroup`):
-# * each file is one unit of work, so its module fixtures are built once;
-# * the files that read the session's trained tiny run (train_common.shared_tiny_run) are
-#   one unit: apart, one worker would sit waiting on the other's lock while it trains;
-# * the longest units start first, so the workers finish together. The seconds are one
-#   uncontended run on a 2-core machine; only their order matters.
-SHARED_TINY_RUN = ("test_train.py", "test_eval.py", "test_infer.py")
+# How `make test` spreads the files over its two workers (`-n 2 --dist loadfile
+# --no-loadscope-reorder`): each file is one unit of work, so its module fixtures are built
+# once, and the longest files start first, so that the workers finish together. The seconds
+# are one uncontended run on a 2-core machine; only their order matters. test_train.py
+# trains the session's shared tiny run (train_common.shared_tiny_run); test_eval.py and
+# test_infer.py read it and come late, so they do not sit waiting on its lock.
 LONGEST_FIRST = {
-    "shared_tiny_run": 200, "test_demo.py": 130, "test_train_multidevice.py": 56,
+    "test_train.py": 130, "test_demo.py": 130, "test_train_multidevice.py": 56,
     "test_multiprocess_train.py": 50, "test_adapter_sharding.py": 46,
     "test_models_pali.py": 41, "test_params_cli.py": 33, "test_adapter_routing.py": 30,
-    "test_adapter_math.py": 27, "test_decoding.py": 20,
+    "test_adapter_math.py": 27, "test_eval.py": 25, "test_decoding.py": 20,
+    "test_infer.py": 17, "test_model_api.py": 17, "test_analyze.py": 16,
 }
 
 
-def _work_unit(item) -> str:
-  name = os.path.basename(str(item.fspath))
-  return "shared_tiny_run" if name in SHARED_TINY_RUN else name
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config, items):
   del config
-  for item in items:
-    item.add_marker(pytest.mark.xdist_group(_work_unit(item)))
-  items.sort(key=lambda item: -LONGEST_FIRST.get(_work_unit(item), 0))  # stable: file order kept
+  items.sort(key=lambda item: -LONGEST_FIRST.get(os.path.basename(str(item.fspath)), 0))

@@ -76,12 +76,13 @@ def runs(tmp_path_factory):
   root = tmp_path_factory.mktemp("multiprocess")
   single_dir, multi_dir = str(root / "single"), str(root / "multi")
   env = _environment()
+  test_flags = os.environ.get("XLA_FLAGS", "")  # conftest's, without any device count
   pair = multihost.local_commands(2, 4, TRAIN_ARGS, model_dir=multi_dir,
-                                  port=commands.free_port(), env={})
+                                  port=commands.free_port(), env={"XLA_FLAGS": test_flags})
   single = commands.train_argv(TRAIN_ARGS, python=sys.executable, model_dir=single_dir)
   argvs = [argv for argv, _ in pair] + [single]
   envs = [dict(env, **extra) for _, extra in pair] + [
-      dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=8")]
+      dict(env, XLA_FLAGS=f"{test_flags} --xla_force_host_platform_device_count=8".strip())]
   logs = [str(root / f"process_{i}.log") for i in range(2)] + [str(root / "single.log")]
   try:
     codes = commands.run_all(argvs, timeout=TIMEOUT_S, envs=envs, log_paths=logs, cwd=REPO)
