@@ -25,7 +25,7 @@ if __name__ == "__main__":
 import json
 import os
 import time
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 from absl import app
 from absl import flags
@@ -81,8 +81,12 @@ def _train(name: str, experiment: str, run_dir: str, steps: Optional[int]) -> No
   logging.info("[demo] %s: at step %d after %.0f s", name, result.step, time.time() - start)
 
 
-def _evaluate(name: str, adapters: str, run_dir: str) -> Dict[str, Dict[str, float]]:
-  """{task: {metric: value}} of the run's latest checkpoint; reused when done before."""
+def _evaluate(name: str, adapters: str,
+              run_dir: str) -> Tuple[Dict[str, Dict[str, float]], int]:
+  """({task: {metric: value}}, examples per task) of the run's latest checkpoint.
+
+  A second demo reads back an evaluation of the same checkpoint with the same settings.
+  """
   output_dir = os.path.join(run_dir, name, "eval")
   bindings = {"CHECKPOINT_PATH": os.path.join(run_dir, name),
               "EVAL_OUTPUT_DIR": output_dir, **_data_bindings()}
@@ -98,14 +102,16 @@ def _evaluate(name: str, adapters: str, run_dir: str) -> Dict[str, Dict[str, flo
     if record["settings"] == settings:
       logging.info("[demo] %s: step %d evaluated before (%s), not again", name, step,
                    record_path)
-      return record["results"]
+      return record["results"], record["examples_per_task"]
   _configure(["experiments/mini_eval.gin", adapters], bindings)
+  examples = launching.macro_value("EVAL_NUM_EXAMPLES")
   start = time.time()
   results = eval_lib.evaluate()
   logging.info("[demo] %s: evaluated in %.0f s", name, time.time() - start)
   latest = results[max(results)]
-  evaluator.write_json_atomically(record_path, {"settings": settings, "results": latest})
-  return latest
+  evaluator.write_json_atomically(record_path, {"settings": settings, "results": latest,
+                                                "examples_per_task": examples})
+  return latest, examples
 
 
 def run_demo(run_dir: str) -> str:
@@ -129,10 +135,11 @@ def run_demo(run_dir: str) -> str:
     steps = FLAGS.pretrain_steps if name == "backbone" else FLAGS.generalist_steps
     logging.info("[demo] training %s (%s) after %.0f s", name, experiment, time.time() - start)
     _train(name, experiment, run_dir, steps)
-  results = {}
+  results, examples = {}, set()
   for name, _, adapters, label in RUNS:
     logging.info("[demo] evaluating %s after %.0f s", name, time.time() - start)
-    results[label] = _evaluate(name, adapters, run_dir)
+    results[label], examples_per_task = _evaluate(name, adapters, run_dir)
+    examples.add(examples_per_task)
 
   table = tables.format_table(results, [label for *_, label in RUNS])
   elapsed = time.time() - start
@@ -142,8 +149,9 @@ def run_demo(run_dir: str) -> str:
     f.write(table + "\n")
   os.replace(os.path.join(run_dir, "results.md") + ".tmp", os.path.join(run_dir, "results.md"))
   warnings = console.library_warning_count()
-  summary = (f"\nmini_generalist, validation ({FLAGS.eval_examples or 'EVAL_NUM_EXAMPLES'} "
-             f"examples per task), frozen mini backbone + adapters:\n\n{table}\n\n"
+  examples_text = " or ".join(str(e) for e in sorted(examples, key=str))
+  summary = (f"\nmini_generalist, validation ({examples_text} examples per task; one seed: "
+             f"not a ranking of the methods), frozen mini backbone + adapters:\n\n{table}\n\n"
              f"Demo wall time: {elapsed / 60:.1f} min. Checkpoints, TensorBoard logs and "
              f"predictions are in {run_dir} (tensorboard --logdir {run_dir}); the full log "
              f"is {os.path.join(run_dir, 'demo.log')}"

@@ -171,7 +171,7 @@ def start_log_file(directory: Optional[str], binary: str) -> str:
   import jax  # pylint: disable=g-import-not-at-top
   suffix = f".process_{jax.process_index()}" if jax.process_count() > 1 else ""
   if not directory or "://" in str(directory):
-    directory = os.path.join(tempfile.gettempdir(), "omni_smola_logs")
+    directory = os.path.join(tempfile.gettempdir(), f"omni_smola_logs_{os.getuid()}")
   return console.log_to(os.path.join(str(directory), f"{binary}{suffix}.log"))
 
 

@@ -3,6 +3,7 @@ import os
 import pathlib
 import shutil
 import signal
+import subprocess
 import sys
 
 import numpy as np
@@ -90,25 +91,32 @@ def test_frozen_parameters_get_no_optimizer_state_and_never_change(tiny_run):
 
 def test_sigterm_saves_a_checkpoint_and_a_resumed_run_matches_an_uninterrupted_one(
     tmp_path, data_dir, tiny_run):
-  # Continue the shared run from its step-10 checkpoint; SIGTERM arrives during step 12.
-  # (The train binary's real processes, and their exit codes, are test_multiprocess_train's.)
+  # The train binary, as a real process, continues the shared run from its step-10
+  # checkpoint and gets SIGTERM once step 11 is logged: it saves and exits 0.
   straight_dir, _ = tiny_run
   preempted = tmp_path / "preempted"
   shutil.copytree(straight_dir / "checkpoints" / "10", preempted / "checkpoints" / "10")
+  argv = train_common.binary_command("train", data_dir, MODEL_DIR=str(preempted),
+                                     TRAIN_STEPS=1000, CHECKPOINT_PERIOD=1000)
+  argv.append("--gin_bindings=omni_smola.training.trainer.train.log_period = 1")
+  process = subprocess.Popen(argv, env=train_common.binary_env(), cwd=train_common.REPO,
+                             stderr=subprocess.PIPE, text=True)
+  lines = []
+  for line in process.stderr:
+    lines.append(line)
+    if "step 11/1000" in line:
+      process.send_signal(signal.SIGTERM)
+      break
+  _, rest = process.communicate(timeout=300)
+  output = "".join(lines) + (rest or "")
+  assert process.returncode == 0, output[-3000:]
+  stopped = max(int(n) for n in os.listdir(preempted / "checkpoints"))
+  assert "Preempted" in output and 11 <= stopped < 20, (stopped, output[-2000:])
+  assert train_common.read_position(str(preempted / "checkpoints" / str(stopped)))[
+      "batches_consumed"] == stopped
 
-  def terminate_during_step_12(step):
-    if step == 12:
-      os.kill(os.getpid(), signal.SIGTERM)
-
-  stopped = train(preempted, data_dir, callbacks=[terminate_during_step_12],
-                  TRAIN_STEPS=1000, CHECKPOINT_PERIOD=1000)
-  assert stopped.preempted and stopped.step == 12
-  assert sorted(int(n) for n in os.listdir(preempted / "checkpoints")) == [10, 12]
-  assert train_common.read_position(str(preempted / "checkpoints" / "12"))[
-      "batches_consumed"] == 12
-
-  # Resumed to step 20, it holds what the uninterrupted run held at step 20 (the rsqrt
-  # schedule does not depend on TRAIN_STEPS, so 1000 vs 30 changes nothing).
+  # Resumed here to step 20, it holds what the uninterrupted run held at step 20 (the
+  # rsqrt schedule does not depend on TRAIN_STEPS, so 1000 vs 30 changes nothing).
   resumed = train(preempted, data_dir, TRAIN_STEPS=20, CHECKPOINT_PERIOD=1000)
   assert resumed.step == 20 and not resumed.preempted
   got = train_common.read_params(str(preempted / "checkpoints" / "20"))
