@@ -77,7 +77,7 @@ def hold_native_stderr() -> None:
   _terminal_handler().stream = _terminal
   # A hard crash in native code still shows its Python stack in the terminal.
   faulthandler.enable(file=_terminal)
-  atexit.register(_finish)
+  _finish_at_exit()
 
 
 # absl's layout, shortened for a person: `I1129 20:31:40 trainer.py:234] message`.
@@ -86,29 +86,39 @@ TERMINAL_DATE_FORMAT = "%m%d %H:%M:%S"
 
 
 def quiet_terminal() -> None:
-  """The terminal gets our INFO lines and anyone's errors; libraries' chatter does not."""
+  """The terminal gets our INFO lines and anyone's errors; libraries' chatter does not.
+
+  From here on every record also waits for the log file `log_to` names.
+  """
   handler = _terminal_handler()
   if _filter not in handler.filters:
     handler.addFilter(_filter)
   handler.setFormatter(std_logging.Formatter(TERMINAL_FORMAT, TERMINAL_DATE_FORMAT))
+  root = std_logging.getLogger()
+  if _run_log not in root.handlers:
+    root.addHandler(_run_log)
+    _finish_at_exit()
+  if root.level > std_logging.INFO or root.level == std_logging.NOTSET:
+    root.setLevel(std_logging.INFO)
   std_logging.captureWarnings(True)  # Python warnings become records: to the file only
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   tfds.disable_progress_bar()
 
 
 class _RunLogFile(std_logging.Handler):
-  """Every record at INFO and above, in the run's log file once its directory exists.
+  """Every record at INFO and above, in the run's log file once it is named and its
+  directory exists.
 
-  Until the run creates its directory, records wait in memory, so a run that fails its
-  start-up checks writes nothing (the terminal has its error).
+  Until then records wait in memory, so a run that fails its start-up checks writes
+  nothing (the terminal has its error), and a run that starts loses nothing.
   """
 
   MAX_WAITING = 100_000
 
-  def __init__(self, path: str):
+  def __init__(self):
     super().__init__(std_logging.INFO)
     self.setFormatter(logging.PythonFormatter())
-    self.path = path
+    self.path: Optional[str] = None
     self.stream = None
     self.waiting = []
 
@@ -122,7 +132,7 @@ class _RunLogFile(std_logging.Handler):
   def open_if_possible(self) -> bool:
     if self.stream is not None:
       return True
-    if not os.path.isdir(os.path.dirname(self.path)):
+    if self.path is None or not os.path.isdir(os.path.dirname(self.path)):
       return False
     self.stream = open(self.path, "a", buffering=1, encoding="utf-8", errors="replace")
     if _held is not None:  # what native code wrote so far, then descriptor 2 itself
@@ -136,29 +146,32 @@ class _RunLogFile(std_logging.Handler):
     return True
 
 
-_run_log: Optional[_RunLogFile] = None
+_run_log = _RunLogFile()
 
 
 def log_to(path: str) -> str:
-  """Makes `path` the log file: every record, and descriptor 2 if held (see _RunLogFile)."""
-  global _run_log
+  """Names the log file: every record since `quiet_terminal`, and descriptor 2 if held."""
   path = os.path.abspath(path)
-  root = std_logging.getLogger()
-  if _run_log is not None:
-    if _run_log.path == path:
-      return path
-    root.removeHandler(_run_log)
-  _run_log = _RunLogFile(path)
-  root.addHandler(_run_log)
-  if root.level > std_logging.INFO or root.level == std_logging.NOTSET:
-    root.setLevel(std_logging.INFO)
+  if _run_log.path is not None and _run_log.path != path:
+    raise ValueError(f"the log file is {_run_log.path} already; not also {path}")
+  _run_log.path = path
   logging.info("Full log (libraries and native code included): %s", path)
   return path
 
 
+_finish_registered = False
+
+
+def _finish_at_exit() -> None:
+  global _finish_registered
+  if not _finish_registered:
+    atexit.register(_finish)
+    _finish_registered = True
+
+
 def _finish() -> None:
   """At exit: the log file if the run made its directory; else held text to the terminal."""
-  if _run_log is not None and _run_log.open_if_possible():
+  if _run_log.open_if_possible():
     return
   if _held is not None:
     _held.seek(0)
