@@ -223,3 +223,20 @@ def test_specialist_runs_train_only_the_specialist_lora():
   assert paths(trainable) and all("/specialist_adapter/" in p for p in paths(trainable))
   assert any("/adapter/" in p for p in paths(frozen))  # the generalist's experts stay frozen
   assert not any("specialist" in p for p in paths(frozen))
+
+
+def test_the_sigterm_handler_only_sets_a_flag_and_the_step_loop_reports_it(monkeypatch):
+  # A signal handler runs between any two bytecodes, also in the middle of a write to the
+  # run's log file; a handler that logged there crashed the train binary mid-write.
+  import signal  # pylint: disable=g-import-not-at-top
+  from omni_smola.training import faults  # pylint: disable=g-import-not-at-top
+  logged = []
+  monkeypatch.setattr(faults.logging, "warning", lambda *args: logged.append(args))
+  with faults.PreemptionWatcher() as watcher:
+    assert not watcher.reached(3)
+    os.kill(os.getpid(), signal.SIGTERM)
+    signal.pthread_sigmask(signal.SIG_BLOCK, [])  # a bytecode boundary: the handler has run
+    assert logged == []
+    assert watcher.reached(4) and watcher.reached(5)
+  assert len(logged) == 1 and logged[0][1] == 4
+  assert signal.getsignal(signal.SIGTERM) is not watcher._on_sigterm  # pylint: disable=protected-access

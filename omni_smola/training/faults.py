@@ -29,6 +29,7 @@ class PreemptionWatcher:
 
   def __init__(self):
     self._signalled = threading.Event()
+    self._said = False
     self._previous = None
     self._installed = False
 
@@ -45,8 +46,9 @@ class PreemptionWatcher:
     return False
 
   def _on_sigterm(self, signum, frame):
+    # Only the flag: the handler runs between any two bytecodes, and logging here could
+    # re-enter a log stream in the middle of a write. `reached` says it.
     del signum, frame
-    logging.warning("SIGTERM received: saving a checkpoint at the end of this step")
     self._signalled.set()
 
   def request(self) -> None:
@@ -55,6 +57,9 @@ class PreemptionWatcher:
 
   def reached(self, step: int) -> bool:
     if self._signalled.is_set():
+      if not self._said:
+        logging.warning("SIGTERM received: saving a checkpoint at step %d", step)
+        self._said = True
       return True
     if jax.process_count() > 1:
       try:
