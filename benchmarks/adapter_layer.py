@@ -59,7 +59,7 @@ def build(spec, x, context, d_model):
   """Per pass (forward, forward_backward): a thunk running the layer, and the
   products it runs (see `contractions.py`). Every array is a jit argument, so
   XLA cannot fold any of the work into compile-time constants."""
-  layer = AdaptedDense(d_model, kernel_axes=("embed", "mlp"), adapter=spec, site="bench")
+  layer = AdaptedDense(d_model, kernel_axes=("embed", "mlp"), adapter=spec)
   params = nn.unbox(layer.init(jax.random.PRNGKey(1), x, context))["params"]
   # Non-zero B, so nothing is trivially zero.
   params = jax.tree_util.tree_map(lambda p: p + 0.01, params)

@@ -388,6 +388,8 @@ def account_model(model, task_feature_lengths: Optional[Mapping[str, int]] = Non
       "optimizer": optimizer_summary(split_params(params, mask)[0], optimizer_name),
       "flops": flop_summary(model, leaves, sites, layout, groups),
       "adapted_sites": len(sites),
+      "adapted_projections": {module: sorted(s.site for s in sites if s.module == module)
+                              for module in sorted({s.module for s in sites})},
       "closed_form_mismatches": mismatches,
   }
 

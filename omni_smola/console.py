@@ -42,16 +42,18 @@ def is_ours(record: std_logging.LogRecord) -> bool:
 
 
 class _TerminalFilter:
-  """Our records at INFO and above (but FILE_ONLY ones), anyone's at ERROR and above."""
+  """Our records at INFO and above, anyone's at ERROR and above; never FILE_ONLY ones."""
 
   def __init__(self):
     self.library_warnings = 0
 
   def filter(self, record: std_logging.LogRecord) -> bool:
+    if not getattr(record, "terminal", True):
+      return False
     if record.levelno >= std_logging.ERROR:
       return True
     if is_ours(record):
-      return record.levelno >= std_logging.INFO and getattr(record, "terminal", True)
+      return record.levelno >= std_logging.INFO
     if record.levelno >= std_logging.WARNING:
       self.library_warnings += 1
     return False

@@ -172,6 +172,7 @@ def start_log_file(directory: Optional[str], binary: str) -> str:
   suffix = f".process_{jax.process_index()}" if jax.process_count() > 1 else ""
   if not directory or "://" in str(directory):
     directory = os.path.join(tempfile.gettempdir(), f"omni_smola_logs_{os.getuid()}")
+    os.makedirs(directory, exist_ok=True)  # no run creates this one
   return console.log_to(os.path.join(str(directory), f"{binary}{suffix}.log"))
 
 
@@ -183,7 +184,7 @@ def initialize_distributed(coordinator_address: Optional[str] = None,
   if coordinator_address:
     platforms = os.environ.get("JAX_PLATFORMS", "") or str(jax.config.jax_platforms or "")
     if "cpu" in platforms:
-      # Several CPU processes talk through gloo (see DESIGN.md, Sharding).
+      # Several CPU processes talk through gloo (docs/DESIGN.md, 6. Sharding).
       jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=coordinator_address,
                                num_processes=process_count, process_id=process_index)
@@ -233,14 +234,18 @@ def _is_missing_binding(error: Exception) -> bool:
 
 def exit_on_user_error(fn):
   """Runs `fn()`; a configuration or input error exits 1 with its message, no traceback."""
+  # Imported before `fn` runs: these modules register gin configurables, which gin
+  # refuses once `fn` has locked the config (and the refusal would hide the error).
+  expected = user_errors()
   try:
     return fn()
   except Exception as e:  # pylint: disable=broad-except
-    if not (isinstance(e, user_errors()) or _is_missing_binding(e)):
+    if not (isinstance(e, expected) or _is_missing_binding(e)):
       raise
     message = str(e)
     if _is_missing_binding(e):
       message += ("\n(set the missing macros, e.g. --gin.MODEL_DIR=/path/to/run, "
                   "--gin.MIXTURE_OR_TASK_NAME=..., --gin.TRAIN_STEPS=...)")
-    logging.error("%s: %s", type(e).__name__, message)
+    # The log file's copy; the terminal gets the exit message.
+    logging.error("%s: %s", type(e).__name__, message, extra=console.FILE_ONLY)
     sys.exit(f"error ({type(e).__name__}): {message}")

@@ -26,7 +26,8 @@ from flax import traverse_util
 from omni_smola.models import configs, decoding
 from omni_smola.models.pali import Pali
 from omni_smola.models.t5 import EncoderDecoder, EncoderOutput
-from omni_smola.nn import AdapterSpec
+from omni_smola.nn import AdaptedDense, AdapterSpec
+from omni_smola.nn.adapter_spec import check_sites_match
 
 DECODING_METHODS = ("greedy", "sample", "beam")
 TRAINABLE_MODES = ("adapters", "full")
@@ -202,7 +203,21 @@ class PaliModel:
       size = self.config.vision.image_size
       image_shape = tuple(input_shapes.get("image", (encoder_shape[0], size, size, 3)))
       inputs["image"] = jnp.zeros(image_shape, input_types.get("image", jnp.float32))
-    return self.module.init({"params": rng}, **inputs, enable_dropout=False)
+    adaptable = {"adapter": [], "specialist_adapter": []}
+
+    def record_projection(next_fun, args, kwargs, context):
+      module = context.module
+      if context.method_name == "__call__" and isinstance(module, AdaptedDense):
+        for slot, paths in adaptable.items():
+          if getattr(module, slot) is not None:
+            paths.append(module.path_name)
+      return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record_projection):
+      variables = self.module.init({"params": rng}, **inputs, enable_dropout=False)
+    for slot, paths in adaptable.items():
+      check_sites_match(slot, getattr(self, slot), sorted(set(paths)))
+    return variables
 
   def loss_fn(self, params, batch, dropout_rng):
     """(scalar loss, metrics); metrics are sums over the batch's tokens.

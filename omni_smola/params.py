@@ -17,8 +17,9 @@ if __name__ == "__main__":
 
 import json
 import os
+import re
 import sys
-from typing import Any, Mapping
+from typing import Any, Dict, Mapping, Sequence
 
 from absl import flags
 import gin
@@ -172,11 +173,27 @@ def format_table(account: Mapping[str, Any]) -> str:
               + [human(total["adapters_by_group"][g]) for g in groups]
               + ["", "", f"{100 * total['adapter_to_backbone']:.2f}%"])
   lines.append(_table(header, rows))
+  lines.append("")
+  lines.append(projection_table(account["adapted_projections"]))
   if account["closed_form_mismatches"]:
     lines.append("")
     lines.append("WARNING: adapter parameters differ from omni_smola.nn.accounting:")
     lines.extend("  " + m for m in account["closed_form_mismatches"])
   return "\n".join(lines)
+
+
+def projection_table(adapted: Mapping[str, Sequence[str]]) -> str:
+  """Which projections carry which adapter, a row per kind of projection ({i}: layers)."""
+  if not adapted:
+    return "adapted projections: none"
+  rows = []
+  for slot, paths in adapted.items():
+    counts: Dict[str, int] = {}
+    for path in paths:
+      kind = re.sub(r"_\d+/", "_{i}/", path)
+      counts[kind] = counts.get(kind, 0) + 1
+    rows += [[kind, slot, count] for kind, count in sorted(counts.items())]
+  return _table(["adapted projection (parameter path)", "adapter slot", "layers"], rows)
 
 
 def _describe(spec: Mapping[str, Any]) -> str:

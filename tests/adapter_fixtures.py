@@ -9,8 +9,7 @@ D_IN, D_OUT, BATCH, LENGTH, NUM_VISUAL = 12, 10, 2, 9, 5
 
 
 def make_layer(spec: AdapterSpec, features=D_OUT):
-  return AdaptedDense(features=features, kernel_axes=("embed", "mlp"), adapter=spec,
-                      site="encoder/layers_0/mlp/wi_0")
+  return AdaptedDense(features=features, kernel_axes=("embed", "mlp"), adapter=spec)
 
 
 def tokens(seed=0, batch=BATCH, length=LENGTH, width=D_IN):

@@ -1,4 +1,4 @@
-"""The adapters' definition (DESIGN.md, "The math"), pinned on tiny layers."""
+"""The adapters' definition (docs/DESIGN.md, "3. The math"), pinned on tiny layers."""
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -7,7 +7,7 @@ import pytest
 
 from adapter_fixtures import (ALL_SPECS, BATCH, D_IN, D_OUT, LENGTH, encoder_context,
                               init, make_layer, perturb_adapter, tokens)
-from omni_smola.nn import AdapterSpec, TokenContext
+from omni_smola.nn import AdaptedDense, AdapterSpec, TokenContext
 from omni_smola.nn.accounting import adapter_param_count
 
 CAUSAL_SPECS = ["smola_sequence", "smola_token", "omni_sequence", "omni_token", "mixlora",
@@ -131,10 +131,28 @@ def test_routing_stats_are_sown_only_on_request_and_loads_sum_to_valid_tokens(na
   np.testing.assert_allclose(covered, groups * valid_per_example)
 
 
-def test_adapter_sites_select_projections_by_path():
+class _TwoProjections(nn.Module):
+  """Projections at the parameter paths `mlp/wi_0` and `attention/query`."""
+  spec: AdapterSpec
+
+  @nn.compact
+  def __call__(self, x, context):
+    class Block(nn.Module):
+      spec: AdapterSpec
+
+      @nn.compact
+      def __call__(self, x, context, name):
+        return AdaptedDense(D_OUT, kernel_axes=("embed", "mlp"), adapter=self.spec,
+                            name=name)(x, context)
+
+    return (Block(self.spec, name="mlp")(x, context, "wi_0"),
+            Block(self.spec, name="attention")(x, context, "query"))
+
+
+def test_adapter_sites_select_projections_by_their_parameter_path():
   spec = AdapterSpec(kind="lora", sites=("mlp/",))
-  assert spec.applies_to("encoder/layers_0/mlp/wi_0")
-  assert not spec.applies_to("encoder/layers_0/attention/query")
-  x = tokens()
-  attention = make_layer(spec).clone(site="encoder/layers_0/attention/query")
-  assert "adapter" not in init(attention, x, TokenContext())["params"]
+  assert spec.applies_to("text/encoder/layers_0/mlp/wi_0")
+  assert not spec.applies_to("text/encoder/layers_0/attention/query")
+  params = init(_TwoProjections(spec), tokens(), TokenContext())["params"]
+  assert "adapter" in params["mlp"]["wi_0"]
+  assert "adapter" not in params["attention"]["query"]

@@ -1,5 +1,6 @@
-"""benchmarks/contractions.py, and through it DESIGN.md's rule that the adapters'
-products do exactly the analytic FLOPs (no FLOP on tokens a group skips)."""
+"""benchmarks/contractions.py, and through it the rule of docs/DESIGN.md (7. Performance
+principles) that the adapters' products do exactly the analytic FLOPs (no FLOP on tokens a
+group skips)."""
 import os
 import sys
 

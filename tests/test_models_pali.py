@@ -10,7 +10,7 @@ from model_fixtures import (ADAPTER_SPECS, logits, make_batch, param_shapes, pat
 from omni_smola.model import PaliModel
 from omni_smola.models import configs
 from omni_smola.models.vit import ViT, resample_position_embedding
-from omni_smola.nn import AdapterSpec
+from omni_smola.nn import AdapterConfigError, AdapterSpec
 
 
 @pytest.fixture(scope="module")
@@ -113,14 +113,40 @@ def test_adapter_sites_select_projections_by_path(batch):
   mlp_only = adapted(AdapterSpec(kind="lora", sites=("mlp/",)))
   assert mlp_only and all("/mlp/" in p for p in mlp_only)
   assert {p.rsplit("/", 1)[1] for p in mlp_only} == {"wi_0", "wi_1", "wo"}
-  decoder_only = adapted(AdapterSpec(kind="lora", sites=("^decoder/",)))
+  decoder_only = adapted(AdapterSpec(kind="lora", sites=("^text/decoder/",)))
   assert decoder_only and all(p.startswith("text/decoder/") for p in decoder_only)
+  # The paper's placement: every attention and MLP projection of the text encoder.
+  encoder_only = adapted(AdapterSpec(kind="lora", sites=("^text/encoder/",)))
+  assert encoder_only == {p for p in everywhere_paths(batch) if p.startswith("text/encoder/")}
+  assert len(encoder_only) == 7 * configs.get_config("tiny").text.num_encoder_layers
   everywhere = adapted(AdapterSpec(kind="lora"))
   layer_sites = {p for p in everywhere if "encoder/layers_0/" in p}
   assert len(layer_sites) == 7  # q, k, v, o, wi_0, wi_1, wo
   assert not any(p.startswith("img") for p in everywhere)  # the ViT is frozen by default
   vit = adapted(AdapterSpec(kind="lora"), config_overrides={"vision.adapt": True})
   assert any(p.startswith("img/Transformer/encoderblock_0/MlpBlock_0/") for p in vit)
+
+
+def everywhere_paths(batch):
+  names = path_names(param_shapes(PaliModel("tiny", AdapterSpec(kind="lora")), batch))
+  return {p.split("/adapter/")[0] for p in names if "/adapter/" in p}
+
+
+@pytest.mark.parametrize("slot,sites", [
+    ("adapter", ("^encoder/",)),  # the hand-built site names of old: no longer a path
+    ("adapter", ("mlp/", "attention/quer$")),  # one typo among good regexes
+    ("specialist_adapter", ("^img/",)),  # the ViT carries no adapter unless `vision.adapt`
+])
+def test_a_sites_regex_that_matches_no_projection_stops_the_build(batch, slot, sites):
+  spec = AdapterSpec(kind="lora", sites=sites)
+  model = (PaliModel("tiny", spec) if slot == "adapter" else
+           PaliModel("tiny", AdapterSpec(kind="lora"), specialist_adapter=spec))
+  with pytest.raises(AdapterConfigError) as error:
+    param_shapes(model, batch)
+  message = str(error.value)
+  bad = [p for p in sites if p not in ("mlp/",)][0]
+  assert message.startswith(f"{slot}: ") and repr(bad) in message, message
+  assert "text/encoder/layers_{i}/attention/query" in message  # real paths, to write it right
 
 
 def test_vit_resamples_position_embeddings_for_another_resolution():

@@ -246,3 +246,27 @@ def test_pali3_is_counted_without_allocating():
   from omni_smola import params as params_cli
   table = params_cli.format_table(account)
   assert "pali3" in table and "vision" in table
+
+
+def test_a_sites_regex_that_matches_no_projection_exits_naming_it(clean_gin):
+  from omni_smola import launching, params
+
+  def account():
+    params.parse_config(["models/tiny.gin", "adapters/lora.gin"],
+                        ["omni_smola.nn.adapter_spec.AdapterSpec.sites = ('^encoder/',)"])
+    return params.account_from_gin()
+
+  with pytest.raises(SystemExit, match=r"sites regex '\^encoder/' matches none .*"
+                     r"text/encoder/layers_\{i\}/mlp/wo"):
+    launching.exit_on_user_error(account)
+
+
+def test_the_table_lists_which_projections_carry_which_adapter():
+  spec = AdapterSpec(kind="lora", rank=2, sites=("^text/encoder/.*/mlp/",))
+  account = accounting.account_model(PaliModel("tiny", spec), LENGTHS)
+  assert account["adapted_projections"] == {"adapter": [
+      f"text/encoder/layers_{i}/mlp/{name}" for i in range(2) for name in ("wi_0", "wi_1", "wo")]}
+  from omni_smola import params as params_cli
+  table = params_cli.projection_table(account["adapted_projections"])
+  assert [line.split()[:3] for line in table.splitlines()[2:]] == [
+      [f"text/encoder/layers_{{i}}/mlp/{name}", "adapter", "2"] for name in ("wi_0", "wi_1", "wo")]

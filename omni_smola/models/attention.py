@@ -48,15 +48,12 @@ class MultiHeadAttention(nn.Module):
   """Attention from `inputs_q` to `inputs_kv`.
 
   Attributes:
-    site: adapter site prefix, e.g. `decoder/layers_0/self_attention`; the
-      projections are `{site}/query`, ... .
     decode: use and update the KV cache (see module docstring).
     cache_inputs_kv: with `decode`, cache the projected `inputs_kv` once
       (cross-attention) instead of appending one position per call.
   """
   num_heads: int
   head_dim: int
-  site: str
   adapter: Optional[AdapterSpec] = None
   specialist_adapter: Optional[AdapterSpec] = None
   init_style: str = "t5"
@@ -69,8 +66,7 @@ class MultiHeadAttention(nn.Module):
   def _projection(self, name, features, axis, kernel_axes, init):
     cls = AdaptedDense if self.init_style == "t5" else BiasedAdaptedDense
     return cls(features=features, axis=axis, kernel_axes=kernel_axes, adapter=self.adapter,
-               specialist_adapter=self.specialist_adapter, site=f"{self.site}/{name}",
-               dtype=self.dtype, kernel_init=init, name=name)
+               specialist_adapter=self.specialist_adapter, dtype=self.dtype, kernel_init=init, name=name)
 
   @nn.compact
   def __call__(self, inputs_q, inputs_kv, context_q: TokenContext,
@@ -126,7 +122,8 @@ class MultiHeadAttention(nn.Module):
     if not initialized:
       return key, value
     if key.shape[1] != 1:
-      raise ValueError(f"{self.site}: cached decoding takes one position per call, "
+      raise ValueError(f"{'/'.join(self.scope.path)}: cached decoding takes one position "
+                       "per call, "
                        f"got {key.shape[1]}")
     start = (0, decode_position, 0, 0)
     cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, key, start)

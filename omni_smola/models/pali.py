@@ -33,7 +33,7 @@ class Pali(nn.Module):
     if self.config.vision is None:
       raise ValueError("Pali needs a vision config; use t5.EncoderDecoder for text only")
     adapters = dict(adapter=self.adapter, specialist_adapter=self.specialist_adapter)
-    self.img = ViT(self.config.vision, site="img", **adapters)
+    self.img = ViT(self.config.vision, **adapters)
     # The two widths are both `embed`; the input side stays unsharded so an
     # `embed` rule never names one mesh axis twice.
     self.img_projection = BiasedAdaptedDense(

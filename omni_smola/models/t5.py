@@ -31,8 +31,9 @@ Parameters, in T5X's layout so T5X checkpoints map one to one (`{i}` a layer):
     decoder/layers_{i}/mlp/{wi_0,wi_1,wo}/kernel
     decoder/decoder_norm/scale                                [embed]
     decoder/logits_dense/kernel                               [embed, vocab] (untied only)
-Adapters add `.../{projection}/adapter/...`; their site name is the projection's
-path above (e.g. `encoder/layers_0/mlp/wi_0`), whatever module encloses the model.
+Adapters add `.../{projection}/adapter/...`. `AdapterSpec.sites` match the projection's
+parameter path: the path above under whatever encloses the model, e.g.
+`text/encoder/layers_0/mlp/wi_0` in PaLI.
 
 Token contexts: encoder projections see the encoder tokens' context (padding,
 `[visual; text]` layout). Decoder projections see a causal context routing
@@ -87,7 +88,6 @@ GATE_ACTIVATIONS = {
 class MlpBlock(nn.Module):
   """Gated MLP: `wo(act(wi_0 x) * wi_1 x)`, act GELU (T5.1.1) or SiLU (UL2)."""
   mlp_dim: int
-  site: str
   activation: str = "gelu"
   adapter: Optional[AdapterSpec] = None
   specialist_adapter: Optional[AdapterSpec] = None
@@ -98,7 +98,7 @@ class MlpBlock(nn.Module):
   def _dense(self, name, features, axes):
     return AdaptedDense(features=features, kernel_axes=axes, adapter=self.adapter,
                         specialist_adapter=self.specialist_adapter,
-                        site=f"{self.site}/{name}", dtype=self.dtype, kernel_init=_MLP_INIT,
+                        dtype=self.dtype, kernel_init=_MLP_INIT,
                         name=name)
 
   @nn.compact
@@ -116,7 +116,6 @@ class MlpBlock(nn.Module):
 
 class _Layer(nn.Module):
   config: T5Config
-  site: str
   adapter: Optional[AdapterSpec] = None
   specialist_adapter: Optional[AdapterSpec] = None
   deterministic: bool = True
@@ -127,8 +126,7 @@ class _Layer(nn.Module):
 
   def attention(self, name, **kw):
     cfg = self.config
-    return MultiHeadAttention(cfg.num_heads, cfg.head_dim, site=f"{self.site}/{name}",
-                              adapter=self.adapter,
+    return MultiHeadAttention(cfg.num_heads, cfg.head_dim, adapter=self.adapter,
                               specialist_adapter=self.specialist_adapter,
                               dropout_rate=cfg.dropout_rate,
                               deterministic=self.deterministic, dtype=cfg.activation_dtype,
@@ -136,7 +134,7 @@ class _Layer(nn.Module):
 
   def mlp(self, x, context):
     cfg = self.config
-    return MlpBlock(cfg.mlp_dim, site=f"{self.site}/mlp", activation=cfg.mlp_activation,
+    return MlpBlock(cfg.mlp_dim, activation=cfg.mlp_activation,
                     adapter=self.adapter, specialist_adapter=self.specialist_adapter,
                     dropout_rate=cfg.dropout_rate, deterministic=self.deterministic,
                     dtype=cfg.activation_dtype, name="mlp")(x, context)
@@ -196,7 +194,7 @@ class Encoder(nn.Module):
     layer_cls = nn.remat(EncoderLayer) if cfg.remat else EncoderLayer
     out = {}
     for i in range(cfg.num_encoder_layers):
-      x = layer_cls(cfg, site=f"encoder/layers_{i}", adapter=self.adapter,
+      x = layer_cls(cfg, adapter=self.adapter,
                     specialist_adapter=self.specialist_adapter, deterministic=not enable_dropout, name=f"layers_{i}")(
                         x, context, mask, bias)
       out[f"layers_{i}"] = x
@@ -262,7 +260,7 @@ class Decoder(nn.Module):
     x = constrain(x.astype(cfg.activation_dtype))
     layer_cls = nn.remat(DecoderLayer) if cfg.remat and not decode else DecoderLayer
     for i in range(cfg.num_decoder_layers):
-      x = layer_cls(cfg, site=f"decoder/layers_{i}", adapter=self.adapter,
+      x = layer_cls(cfg, adapter=self.adapter,
                     specialist_adapter=self.specialist_adapter, deterministic=deterministic, decode=decode, name=f"layers_{i}")(
                         x, encoded, context, encoder_context, mask, bias, cross_mask,
                         decode_position)

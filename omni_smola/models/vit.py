@@ -15,8 +15,8 @@ Parameters, in big_vision's layout (`{i}` a block):
         {kernel [heads, head_dim, width], bias [width]}
     Transformer/encoderblock_{i}/MlpBlock_0/Dense_{0,1}/{kernel, bias}
     Transformer/encoder_norm/{scale,bias}
-With `ViTConfig.adapt`, the projections carry adapters at sites
-`{site}/Transformer/encoderblock_{i}/MlpBlock_0/Dense_0`, ... (`site` = 'img').
+With `ViTConfig.adapt`, the projections carry adapters; `AdapterSpec.sites` match their
+parameter paths, `img/Transformer/encoderblock_{i}/MlpBlock_0/Dense_0`, ... in PaLI.
 
 An image whose patch grid differs from the configured one gets its position
 embeddings resampled on the fly (`resample_position_embedding`, also used when
@@ -99,7 +99,6 @@ class PatchEmbedding(nn.Module):
 
 class MlpBlock(nn.Module):
   mlp_dim: int
-  site: str
   adapter: Optional[AdapterSpec] = None
   specialist_adapter: Optional[AdapterSpec] = None
   dropout_rate: float = 0.0
@@ -110,7 +109,7 @@ class MlpBlock(nn.Module):
   def __call__(self, x, context):
     def dense(name, features, axes):
       return BiasedAdaptedDense(features=features, kernel_axes=axes, adapter=self.adapter,
-                                specialist_adapter=self.specialist_adapter, site=f"{self.site}/{name}", dtype=self.dtype,
+                                specialist_adapter=self.specialist_adapter, dtype=self.dtype,
                                 kernel_init=_XAVIER, name=name)
     hidden = nn.gelu(dense("Dense_0", self.mlp_dim, ("embed", "mlp"))(x, context),
                      approximate=True)
@@ -121,7 +120,6 @@ class MlpBlock(nn.Module):
 
 class EncoderBlock(nn.Module):
   config: ViTConfig
-  site: str
   adapter: Optional[AdapterSpec] = None
   specialist_adapter: Optional[AdapterSpec] = None
   deterministic: bool = True
@@ -133,7 +131,6 @@ class EncoderBlock(nn.Module):
     drop = nn.Dropout(cfg.dropout_rate, deterministic=self.deterministic)
     y = _layer_norm("LayerNorm_0", dtype)(x)
     y = MultiHeadAttention(cfg.num_heads, cfg.width // cfg.num_heads,
-                           site=f"{self.site}/MultiHeadDotProductAttention_0",
                            adapter=self.adapter,
                            specialist_adapter=self.specialist_adapter, init_style="vit",
                            dropout_rate=cfg.dropout_rate, deterministic=self.deterministic,
@@ -141,7 +138,7 @@ class EncoderBlock(nn.Module):
                                y, y, context, context)
     x = constrain(x + drop(y))
     y = _layer_norm("LayerNorm_1", dtype)(x)
-    y = MlpBlock(cfg.mlp_dim, site=f"{self.site}/MlpBlock_0", adapter=self.adapter,
+    y = MlpBlock(cfg.mlp_dim, adapter=self.adapter,
                  specialist_adapter=self.specialist_adapter, dropout_rate=cfg.dropout_rate, deterministic=self.deterministic,
                  dtype=dtype, name="MlpBlock_0")(y, context)
     return constrain(x + drop(y))
@@ -149,7 +146,6 @@ class EncoderBlock(nn.Module):
 
 class Transformer(nn.Module):
   config: ViTConfig
-  site: str
   adapter: Optional[AdapterSpec] = None
   specialist_adapter: Optional[AdapterSpec] = None
 
@@ -160,7 +156,7 @@ class Transformer(nn.Module):
     block_cls = nn.remat(EncoderBlock) if cfg.remat else EncoderBlock
     out = {}
     for i in range(cfg.depth):
-      x = block_cls(cfg, site=f"{self.site}/encoderblock_{i}", adapter=self.adapter,
+      x = block_cls(cfg, adapter=self.adapter,
                     specialist_adapter=self.specialist_adapter, deterministic=not enable_dropout, name=f"encoderblock_{i}")(x, context)
       out[f"encoderblock_{i}"] = x
     out["pre_norm"] = x
@@ -172,7 +168,6 @@ class ViT(nn.Module):
   config: ViTConfig
   adapter: Optional[AdapterSpec] = None
   specialist_adapter: Optional[AdapterSpec] = None
-  site: str = "img"
 
   @nn.compact
   def __call__(self, image, enable_dropout: bool = False
@@ -197,8 +192,7 @@ class ViT(nn.Module):
     adapters = dict(adapter=self.adapter, specialist_adapter=self.specialist_adapter)
     if not cfg.adapt:
       adapters = {}
-    x, blocks = Transformer(cfg, site=f"{self.site}/Transformer", name="Transformer",
-                            **adapters)(x, enable_dropout)
+    x, blocks = Transformer(cfg, name="Transformer", **adapters)(x, enable_dropout)
     out.update(blocks)
     out["encoded"] = x
     return x, out

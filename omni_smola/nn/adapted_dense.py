@@ -68,20 +68,17 @@ class AdaptedDense(nn.Module):
     features: output shape (int or tuple), as DenseGeneral.
     axis: input axes contracted, as DenseGeneral.
     kernel_axes: logical names of the kernel's axes (input axes, then output).
-    adapter: the spec; None or a spec that does not apply to `site` gives a
-      plain projection.
+    adapter: the spec; None or a spec whose `sites` do not match this projection's
+      parameter path (`text/encoder/layers_0/mlp/wi_0`) gives a plain projection.
     specialist_adapter: a second adapter added on top, in a child called
       `specialist_adapter` (the paper's generalist -> specialist recipe: the
       generalist's adapter is frozen and a per-task LoRA is trained).
-    site: this projection's path, e.g. `encoder/layers_0/attention/query`,
-      matched against `adapter.sites`. Defaults to the module's own path.
   """
   features: Union[int, Tuple[int, ...]]
   axis: Union[int, Tuple[int, ...]] = -1
   kernel_axes: Tuple[str, ...] = ()
   adapter: Optional[AdapterSpec] = None
   specialist_adapter: Optional[AdapterSpec] = None
-  site: Optional[str] = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   kernel_init: Callable = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
@@ -114,7 +111,8 @@ class AdaptedDense(nn.Module):
 
   @property
   def path_name(self) -> str:
-    return self.site if self.site is not None else "/".join(self.scope.path)
+    """The parameter path of this projection: what `AdapterSpec.sites` match."""
+    return "/".join(self.scope.path)
 
   def _adapter_residual(self, spec, name, inputs, axis, in_shape, features, context):
     leading = [a for a in range(inputs.ndim) if a not in axis]

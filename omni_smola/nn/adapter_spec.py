@@ -7,7 +7,7 @@ shape error deep inside a jitted step.
 """
 import dataclasses
 import re
-from typing import Mapping, Optional, Tuple
+from typing import Mapping, Optional, Sequence, Tuple
 
 import gin
 
@@ -41,9 +41,11 @@ class AdapterSpec:
     num_factors: `mixlora` pool size, for A and for B alike.
     top_k: `mole` experts chosen per token (or per example).
     mole_level: `mole` routing granularity, `token` or `instance`.
-    sites: regular expressions searched in projection paths such as
-      `encoder/layers_0/mlp/wi_0`; the adapter is attached where one is found
-      (`mlp/` adapts every MLP projection, `^decoder/` only the decoder's).
+    sites: regular expressions searched in each projection's parameter path, such
+      as `text/encoder/layers_0/mlp/wi_0` (PaLI: `img/...` for the ViT, `text/...`
+      for the encoder-decoder); the adapter is attached where one is found (`mlp/`
+      adapts every MLP projection, `^text/decoder/` only the decoder's). A regex that
+      matches no projection stops the model's build (`check_sites_match`).
   """
   kind: str = "none"
   rank: int = 4
@@ -114,6 +116,27 @@ class AdapterSpec:
   def applies_to(self, site: str) -> bool:
     """Whether the projection at `site` (e.g. `decoder/layers_3/mlp/wo`) is adapted."""
     return self.adds_residual and any(re.search(p, site) for p in self.sites)
+
+
+def check_sites_match(slot: str, spec: Optional[AdapterSpec],
+                      projection_paths: Sequence[str]) -> None:
+  """Raises unless every regex of `spec.sites` matches one of the model's projections.
+
+  `projection_paths` are the parameter paths of the projections that can carry the
+  adapter of `slot` ('adapter', 'specialist_adapter'). A regex matching none of them
+  would leave the model silently without that adapter where the user asked for one.
+  """
+  if spec is None or not spec.adds_residual:
+    return
+  for pattern in spec.sites:
+    if not any(re.search(pattern, path) for path in projection_paths):
+      # One line per kind of projection: layer numbers shown as {i}.
+      kinds = sorted({re.sub(r"_\d+/", "_{i}/", path) for path in projection_paths})
+      listing = ", ".join(kinds)
+      raise AdapterConfigError(
+          f"{slot}: AdapterSpec(kind={spec.kind!r}).sites regex {pattern!r} matches none "
+          f"of the model's {len(projection_paths)} adaptable projections, whose parameter "
+          f"paths are {listing or '(none: no projection takes this adapter)'}")
 
 
 class _FrozenDict(dict):
