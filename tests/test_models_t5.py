@@ -160,3 +160,23 @@ def test_dropout_is_random_per_rng_and_off_by_default():
   reference = EncoderDecoder(TEXT).apply({"params": params}, ENCODER_TOKENS, DECODER_TOKENS)
   np.testing.assert_allclose(logits(), reference, rtol=1e-6)
   assert not np.allclose(dropped[0], reference)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_bfloat16_activations_still_project_to_the_vocabulary_in_float32(tied):
+  # A bf16 product would round the logits to 8 bits of mantissa (errors of ~1e-2 here).
+  config = configs.apply_overrides(configs.get_config("tiny"), {
+      "text.dtype": "bfloat16", "text.logits_via_embedding": tied}).text
+  model = EncoderDecoder(config)
+  params = nn.unbox(model.init(jax.random.PRNGKey(0), ENCODER_TOKENS,
+                               DECODER_TOKENS))["params"]
+  logits, state = model.apply({"params": params}, ENCODER_TOKENS, DECODER_TOKENS,
+                              mutable=["intermediates"])
+  pre_logits = np.asarray(state["intermediates"]["decoder"]["pre_logits"][0], np.float32)
+  if tied:
+    kernel = np.asarray(params["token_embedder"]["embedding"]).T / np.sqrt(config.emb_dim)
+  else:
+    kernel = np.asarray(params["decoder"]["logits_dense"]["kernel"])
+  expected = np.einsum("bld,dv->blv", pre_logits, kernel.astype(np.float32))
+  assert logits.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(logits), expected, rtol=1e-5, atol=1e-5)

@@ -50,7 +50,8 @@ class Embed(nn.Module):
     return jnp.take(jnp.asarray(self.embedding, self.dtype), ids, axis=0)
 
   def attend(self, x):
-    return jnp.einsum("bld,vd->blv", x, jnp.asarray(self.embedding, self.dtype))
+    """x [b, l, embed] -> logits [b, l, vocab], in x's dtype (the decoder passes float32)."""
+    return jnp.einsum("bld,vd->blv", x, jnp.asarray(self.embedding, x.dtype))
 
 
 class BiasedAdaptedDense(AdaptedDense):

@@ -268,13 +268,15 @@ class Decoder(nn.Module):
     x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
     x = constrain(x)
     self.sow("intermediates", "pre_logits", x)
+    # The output projection runs in float32 whatever the activation dtype, as t5x's: in
+    # bfloat16 (8 bits of mantissa) a 250k-way softmax loses its small logits.
+    x = x.astype(jnp.float32)
     if cfg.logits_via_embedding:
-      logits = self.shared_embedding.attend(x * jnp.asarray(cfg.emb_dim ** -0.5, x.dtype))
+      logits = self.shared_embedding.attend(x * jnp.float32(cfg.emb_dim ** -0.5))
     else:
       logits = AdaptedDense(cfg.vocab_size, kernel_axes=("embed", "vocab"),
-                            dtype=cfg.activation_dtype, name="logits_dense")(x)
-    return nn.with_logical_constraint(logits.astype(jnp.float32),
-                                      ("batch", "length", "vocab"))
+                            dtype=jnp.float32, name="logits_dense")(x)
+    return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
 
 
 class EncoderDecoder(nn.Module):
