@@ -1,5 +1,6 @@
 """Bad input fails before anything is written, with a message that says what is wrong."""
 import os
+import re
 import sys
 
 import numpy as np
@@ -94,6 +95,35 @@ def test_a_checkpoint_that_does_not_fit_names_the_parameter_and_both_shapes(
                      match=r"text/token_embedder/embedding: checkpoint \(512, 32\) vs model "
                      r"\(1024, 32\)"):
     trainer.train()
+  assert not model_dir.exists()
+
+
+def test_a_specialist_from_a_backbone_only_checkpoint_is_refused_naming_what_is_missing(
+    tmp_path, data_dir):
+  # The generalist's adapter is frozen in a specialist run: from a checkpoint without it,
+  # it would stay at its initialisation (B = 0) and the "generalist" would add nothing.
+  train_common.configure(str(tmp_path / "unused"), data_dir, TRAIN_STEPS=2)
+  model = gin.query_parameter("train.model").scoped_configurable_fn()
+  abstract = partitioned_step.abstract_variables(
+      model, {"encoder_input_tokens": (1, 4), "decoder_input_tokens": (1, 4),
+              "image": (1, 16, 16, 3)})
+  backbone = jax.tree_util.tree_map(lambda x: np.zeros(x.shape, x.dtype),
+                                    trainer.box_values(abstract["params"]))
+  checkpoint = tmp_path / "backbone"
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(checkpoint, {"params": _without_adapters(backbone)})
+  gin.clear_config()
+  model_dir = tmp_path / "specialist"
+  train_common.configure(
+      str(model_dir), data_dir,
+      ("models/tiny.gin", "adapters/omni_smola.gin", "runs/specialist.gin"),
+      TRAIN_STEPS=2, INITIAL_CHECKPOINT_PATH=str(checkpoint))
+  with pytest.raises(CheckpointMismatchError) as error:
+    trainer.train()
+  message = str(error.value)
+  assert str(checkpoint) in message and "keeps frozen" in message, message
+  first = re.search(r"first (\S+):", message).group(1)
+  assert "/adapter/" in first and first.startswith(("img/", "text/")), first
   assert not model_dir.exists()
 
 

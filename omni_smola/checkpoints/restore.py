@@ -161,7 +161,8 @@ def _listing(kind: str, lines: Sequence[str], limit: int = 20) -> list:
 def merge_into(target: Mapping[str, Any], loaded: Flat, scope: Sequence[str] = ("",), *,
                source: str = "the checkpoint", allow_missing: Sequence[str] = (),
                ignore_unexpected: bool = False, resample_position_embeddings: bool = True,
-               init_fn: Optional[Callable[[], Mapping[str, Any]]] = None) -> Any:
+               init_fn: Optional[Callable[[], Mapping[str, Any]]] = None,
+               frozen: Optional[Callable[[str], bool]] = None) -> Any:
   """`target` with the arrays of `loaded` (full model paths) in place; see `load_pretrained`.
 
   `scope`: '/'-prefixes of the parameters `loaded` is responsible for ('' = all).
@@ -169,7 +170,7 @@ def merge_into(target: Mapping[str, Any], loaded: Flat, scope: Sequence[str] = (
   is_variables = isinstance(target.get("params"), Mapping)
   model = flatten(target["params"] if is_variables else target, is_leaf=_is_box)
   merged = dict(model)
-  missing, mismatched, kept = [], [], []
+  missing, mismatched, kept, frozen_missing = [], [], [], []
   for name in sorted(model):
     leaf = model[name]
     like = _value(leaf)
@@ -177,6 +178,8 @@ def merge_into(target: Mapping[str, Any], loaded: Flat, scope: Sequence[str] = (
       optional = _is_adapter(name) or any(re.search(p, name) for p in allow_missing)
       if _in_scope(name, scope) and not optional:
         missing.append(f"{name} (model shape {tuple(like.shape)}) is not in the checkpoint")
+      elif _in_scope(name, scope) and frozen is not None and frozen(name):
+        frozen_missing.append(name)
       elif _is_abstract(like):
         kept.append(name)
       continue
@@ -188,6 +191,14 @@ def merge_into(target: Mapping[str, Any], loaded: Flat, scope: Sequence[str] = (
     value = _place(array, like)
     merged[name] = leaf.replace_boxed(value) if _is_box(leaf) else value
 
+  if frozen_missing:
+    # A fresh parameter that never trains is a silent no-op: an adapter whose B stays 0.
+    raise CheckpointMismatchError(
+        f"{source} lacks {len(frozen_missing)} parameters that this run keeps frozen, first "
+        f"{frozen_missing[0]}: they would stay at their initialisation (an adapter at its "
+        "initialisation adds exactly nothing). A specialist run (runs/specialist.gin) needs "
+        "INITIAL_CHECKPOINT_PATH to be a generalist trained with this adapter config, not a "
+        "backbone-only checkpoint.")
   unexpected = [f"{k} {tuple(np.shape(loaded[k]))} has no place in the model"
                 for k in sorted(set(loaded) - set(model))]
   if unexpected and ignore_unexpected:
@@ -227,6 +238,7 @@ def load_pretrained(target: Mapping[str, Any],
                     ignore_unexpected: bool = False,
                     resample_position_embeddings: bool = True,
                     init_fn: Optional[Callable[[], Mapping[str, Any]]] = None,
+                    frozen: Optional[Callable[[str], bool]] = None,
                     **read_options) -> Any:
   """`target` with its backbone parameters taken from `checkpoint`.
 
@@ -246,6 +258,9 @@ def load_pretrained(target: Mapping[str, Any],
     init_fn: when `target` is abstract, called once for the values no checkpoint
       gives (adapters, parameters outside `prefix`); returns params or variables
       holding at least those (e.g. `lambda: model.init(rng, ...)`).
+    frozen: `frozen(path)` for the parameters the run will not train; one of them that
+      the checkpoint lacks (adapter or `allow_missing` alike) is an error, since it would
+      keep its initial value for good.
     **read_options: passed to `read_checkpoint`.
 
   Returns:
@@ -256,7 +271,7 @@ def load_pretrained(target: Mapping[str, Any],
   return merge_into(target, _with_prefix(loaded, prefix), (prefix,), source=source,
                     allow_missing=allow_missing, ignore_unexpected=ignore_unexpected,
                     resample_position_embeddings=resample_position_embeddings,
-                    init_fn=init_fn)
+                    init_fn=init_fn, frozen=frozen)
 
 
 def load_pali_pretrained(target: Mapping[str, Any],

@@ -228,6 +228,7 @@ def restore_params(path: str, target: Mapping[str, Any], *,
                    require_adapters: bool = False,
                    ignore_unexpected: bool = False,
                    init_fn: Optional[Callable[[], Mapping[str, Any]]] = None,
+                   frozen: Optional[Callable[[str], bool]] = None,
                    format: str = "auto",  # pylint: disable=redefined-builtin
                    ) -> Dict[str, Any]:
   """`target` (params, concrete or abstract with shardings) filled from a checkpoint.
@@ -254,6 +255,6 @@ def restore_params(path: str, target: Mapping[str, Any], *,
   try:
     return checkpoint_restore.load_pretrained(
         target, loaded, allow_missing=allow_missing, ignore_unexpected=ignore_unexpected,
-        init_fn=init_fn)
+        init_fn=init_fn, frozen=frozen)
   except CheckpointMismatchError as e:
     raise CheckpointMismatchError(str(e).replace("the given arrays", path, 1)) from None

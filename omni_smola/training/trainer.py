@@ -20,6 +20,7 @@ import re
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from absl import logging
+from flax import traverse_util
 import flax.linen as nn
 import gin
 import jax
@@ -227,12 +228,14 @@ def train(*, model, model_dir: str, train_dataset_cfg: data_iterator.DatasetConf
 
     if initial_checkpoint_path:
       logging.info("Initialising from %s (adapters fresh)", initial_checkpoint_path)
+      trainable = {"/".join(k) for k, v in traverse_util.flatten_dict(layout.mask).items() if v}
       params = checkpointing.restore_params(
           initial_checkpoint_path,
           partitioned_step.with_sharding(layout.abstract_params, layout.params_sharding),
           allow_missing=initial_checkpoint_allow_missing,
           ignore_unexpected=initial_checkpoint_ignore_unexpected,
-          init_fn=lambda: fresh_params(keep=may_be_missing))
+          init_fn=lambda: fresh_params(keep=may_be_missing),
+          frozen=lambda name: name not in trainable)
     else:
       params = fresh_params()
     trainable, frozen = split_params(params, layout.mask)
