@@ -270,3 +270,41 @@ def test_the_table_lists_which_projections_carry_which_adapter():
   table = params_cli.projection_table(account["adapted_projections"])
   assert [line.split()[:3] for line in table.splitlines()[2:]] == [
       [f"text/encoder/layers_{{i}}/mlp/{name}", "adapter", "2"] for name in ("wi_0", "wi_1", "wo")]
+
+
+PAPER_CONFIGS = ("paper_omni_smola_o48", "paper_smola_mm96", "paper_lora128")
+
+
+def paper_account(name, lengths):
+  from omni_smola import params as params_cli
+  import gin
+  gin.clear_config()
+  try:
+    params_cli.parse_config(["models/tiny.gin", f"adapters/{name}.gin"],
+                            [f"TASK_FEATURE_LENGTHS = {lengths!r}"])
+    return params_cli.account_from_gin()
+  finally:
+    gin.clear_config()
+
+
+@pytest.mark.parametrize("name", PAPER_CONFIGS)
+def test_paper_configs_adapt_exactly_the_text_encoders_attention_and_mlp(name):
+  account = paper_account(name, LENGTHS)
+  layers = configs.get_config("tiny").text.num_encoder_layers
+  assert account["adapted_projections"] == {"adapter": sorted(
+      f"text/encoder/layers_{i}/{p}" for i in range(layers)
+      for p in ("attention/query", "attention/key", "attention/value", "attention/out",
+                "mlp/wi_0", "mlp/wi_1", "mlp/wo"))}
+  assert account["closed_form_mismatches"] == []
+  assert account["parameters"]["trainable"] == account["parameters"]["adapters"] > 0
+  assert account["flops"]["vision"]["adapters"] == account["flops"]["decoder"]["adapters"] == 0
+
+
+def test_paper_o48_and_mm96_cost_the_same_inference_flops():
+  # Both route 96 slots over every encoder token (O-48: mm + the token's own modality
+  # block); O-48 runs its 96 slots' experts once per modality segment, MM-96 once: a
+  # difference of the experts' per-slot work, rank / tokens of the routing work.
+  lengths = {"inputs": 128, "targets": 8}
+  omni = paper_account("paper_omni_smola_o48", lengths)["flops"]["encoder"]["adapters"]
+  mm = paper_account("paper_smola_mm96", lengths)["flops"]["encoder"]["adapters"]
+  assert mm < omni < 1.05 * mm, (omni, mm)
