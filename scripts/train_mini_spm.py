@@ -26,7 +26,7 @@ from sentencepiece import sentencepiece_model_pb2
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from omni_smola.data import preprocessors
+from omni_smola.data import prompts
 from tasks.mini import builder
 from tasks.mini.common import SPLITS
 
@@ -45,9 +45,9 @@ def corpus(config: builder.MiniVlConfig = builder.FULL) -> list[str]:
     for split in SPLITS:
       for sample in builder.samples(config, subtask, split):
         if sample.question:
-          sentences.append(preprocessors.VQA_PROMPT.format(question=sample.question))
+          sentences.append(prompts.VQA_PROMPT.texts['pali'].format(question=sample.question))
         else:
-          sentences.append(preprocessors.CAPTION_PROMPT)
+          sentences.append(prompts.CAPTION_PROMPT.texts['pali'])
         sentences.extend(sample.answers)
   return sentences
 

@@ -238,6 +238,30 @@ def test_first_answer_when_sampling_is_off_and_caption_prompt_ignores_question()
   assert {e["inputs_pretokenized"] for e in examples} == {b"caption en"}
 
 
+@pytest.mark.parametrize("style,caption,question", [
+    ("pali", b"caption en", b"answer en what is it?"),
+    ("paper", b"Generate the alt text in en at 0:", b"Answer in en: what is it?"),
+])
+def test_the_prompt_style_is_read_from_gin_when_the_dataset_is_built(style, caption, question):
+  # The tasks are registered first, with the default style bound, as `import tasks` does.
+  records = [_record(0, _encode(_rgb(0)))]
+  captions = _register("test_plumbing_style_caption", records, prompt=data.CAPTION_PROMPT)
+  questions = _register("test_plumbing_style_question", records)
+  with gin.unlock_config():
+    gin.bind_parameter("omni_smola.data.prompt_style.style", style)
+  try:
+    for task, expected in ((captions, caption), (questions, question)):
+      (example,) = task.get_dataset(LENGTHS, split="train", shuffle=False).as_numpy_iterator()
+      assert example["inputs_pretokenized"] == expected
+  finally:
+    gin.clear_config()
+
+
+def test_an_unknown_prompt_style_is_refused_naming_the_setting():
+  with pytest.raises(ValueError, match="prompt_style.style must be one of .*'pali'"):
+    data.prompt_style("papr")
+
+
 def test_registering_a_task_twice_replaces_it():
   records = [_record(0, _encode(_rgb(0)))]
   first = _register("test_plumbing_twice", records)

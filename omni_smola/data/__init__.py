@@ -7,7 +7,7 @@ Public API (see README "Data and tasks"):
   task_id, task_name
   decode_image, drop_unreadable_images, resize_and_normalize, CorruptImageError,
   skipped_image_counts
-  CAPTION_PROMPT, VQA_PROMPT
+  CAPTION_PROMPT, VQA_PROMPT, StyledPrompt, prompt_style (gin: the prompts' style)
 """
 from omni_smola.data.feature_converter import PaliFeatureConverter
 from omni_smola.data.images import CorruptImageError
@@ -15,8 +15,10 @@ from omni_smola.data.images import decode_image
 from omni_smola.data.images import drop_unreadable_images
 from omni_smola.data.images import resize_and_normalize
 from omni_smola.data.images import skipped_image_counts
-from omni_smola.data.preprocessors import CAPTION_PROMPT
-from omni_smola.data.preprocessors import VQA_PROMPT
+from omni_smola.data.prompts import CAPTION_PROMPT
+from omni_smola.data.prompts import StyledPrompt
+from omni_smola.data.prompts import VQA_PROMPT
+from omni_smola.data.prompts import prompt_style
 from omni_smola.data.registration import VLTask
 from omni_smola.data.registration import VLTfdsSource
 from omni_smola.data.registration import register_vl_mixture

@@ -16,32 +16,21 @@ import seqio
 import tensorflow as tf
 
 from omni_smola.data import images
-
-QUESTION_PLACEHOLDER = "{question}"
-CAPTION_PROMPT = "caption en"
-VQA_PROMPT = "answer en {question}"
+from omni_smola.data import prompts
 
 
-def split_prompt(prompt: str) -> tuple[str, str]:
-  """(text before, text after) `{question}`; raises on a malformed prompt."""
-  if prompt.count(QUESTION_PLACEHOLDER) > 1:
-    raise ValueError(f"Prompt {prompt!r} may contain {QUESTION_PLACEHOLDER} at most once.")
-  if QUESTION_PLACEHOLDER not in prompt:
-    return prompt, ""
-  prefix, suffix = prompt.split(QUESTION_PLACEHOLDER)
-  return prefix, suffix
-
-
-def format_prompt(question: tf.Tensor, prompt: str) -> tf.Tensor:
-  """`prompt` with `{question}` replaced by the (whitespace-stripped) question."""
-  prefix, suffix = split_prompt(prompt)
-  if QUESTION_PLACEHOLDER not in prompt:
-    return tf.constant(prompt)
+def format_prompt(question: tf.Tensor, prompt: prompts.Prompt) -> tf.Tensor:
+  """`prompt` (in the gin-chosen style) with `{question}` replaced by the question."""
+  text = prompts.prompt_text(prompt)
+  prefix, suffix = prompts.split_prompt(text)
+  if prompts.QUESTION_PLACEHOLDER not in text:
+    return tf.constant(text)
   return tf.strings.join([prefix, tf.strings.strip(question), suffix])
 
 
 @seqio.map_over_dataset(num_seeds=1)
-def _format_with_sampled_target(example: Mapping[str, tf.Tensor], seed, *, prompt: str,
+def _format_with_sampled_target(example: Mapping[str, tf.Tensor], seed, *,
+                                prompt: prompts.Prompt,
                                 task_id: int, sample_target: bool):
   answers = tf.reshape(example["answers"], [-1])
   num_answers = tf.size(answers)
@@ -69,13 +58,14 @@ def _format_with_sampled_target(example: Mapping[str, tf.Tensor], seed, *, promp
   return formatted
 
 
-def format_vl_example(dataset: tf.data.Dataset, *, prompt: str, task_id: int,
+def format_vl_example(dataset: tf.data.Dataset, *, prompt: prompts.Prompt, task_id: int,
                       sample_target: bool = True) -> tf.data.Dataset:
   """Contract example -> {inputs, targets (strings), image, task_id, example_id, answers...}.
 
   Args:
     dataset: contract examples, `image` still encoded.
-    prompt: e.g. "caption en" or "answer en {question}".
+    prompt: a `prompts.StyledPrompt` (the text read from gin now) or a string such as
+      "answer en {question}".
     task_id: the task's stable id (`omni_smola.data.task_id(name)`).
     sample_target: if True, `targets` is one of `answers` drawn with seqio's seed (so the
       choice is reproducible under a fixed seed and varies across epochs otherwise);

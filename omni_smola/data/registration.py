@@ -22,6 +22,7 @@ import tensorflow_datasets as tfds
 
 from omni_smola.data import images
 from omni_smola.data import preprocessors
+from omni_smola.data import prompts
 from omni_smola.data import task_ids
 from omni_smola.data import vocabularies
 
@@ -98,7 +99,7 @@ def register_vl_task(
     name: str,
     *,
     source: seqio.DataSource,
-    prompt: str,
+    prompt: prompts.Prompt,
     metric_fns: Sequence[MetricFn] = (),
     postprocess_fn: Optional[Callable] = None,
     vocabulary: Union[str, seqio.Vocabulary] = "default",
@@ -112,7 +113,9 @@ def register_vl_task(
   Args:
     name: the task's name; also determines its `task_id`.
     source: a seqio.DataSource of contract examples with encoded images (`tfds_source`).
-    prompt: "caption en", "answer en {question}", ...; `{question}` is filled in.
+    prompt: `CAPTION_PROMPT` / `VQA_PROMPT` (a `StyledPrompt`: the text follows
+      `omni_smola.data.prompt_style`) or a string such as "answer en {question}";
+      `{question}` is filled in.
     metric_fns: seqio metric fns `fn(targets, predictions)`; targets are what
       `postprocess_fn` returns for targets (every reference, for our postprocessors).
     postprocess_fn: seqio postprocess fn (omni_smola.evaluation.postprocessors).
@@ -127,7 +130,8 @@ def register_vl_task(
   """
   if on_corrupt_image not in (images.ON_CORRUPT_RAISE, images.ON_CORRUPT_SKIP):
     raise ValueError(f"on_corrupt_image must be 'raise' or 'skip', got {on_corrupt_image!r}")
-  preprocessors.split_prompt(prompt)  # fail at registration, not at the first dataset
+  if isinstance(prompt, str):
+    prompts.split_prompt(prompt)  # fail at registration, not at the first dataset
   identifier = task_ids.claim_task_id(name)
   task_preprocessors = list(source_preprocessors) + [
       functools.partial(preprocessors.format_vl_example, prompt=prompt, task_id=identifier,
