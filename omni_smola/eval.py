@@ -4,8 +4,9 @@ r"""Evaluates checkpoints: `python -m omni_smola.eval --gin_file=... --gin.CHECK
       --gin_file=experiments/mini_eval.gin \
       --gin.CHECKPOINT_PATH=/tmp/runs/generalist --gin.EVAL_OUTPUT_DIR=/tmp/runs/eval
 
-CHECKPOINT_PATH is a MODEL_DIR (its latest checkpoint), a `checkpoints/` dir, one
-step dir, or a backbone checkpoint in any format `load_pretrained` reads; with
+CHECKPOINT_PATH is a MODEL_DIR (its latest checkpoint), a `checkpoints/` dir, a
+MODEL_DIR's `best/` (its best by average validation score), one step dir, or a
+backbone checkpoint in any format `load_pretrained` reads; with
 EVAL_ALL_CHECKPOINTS every checkpoint of the directory is evaluated. Writes
 EVAL_OUTPUT_DIR/metrics.json ({step: {task: {metric: value}}}) and
 EVAL_OUTPUT_DIR/predictions/<task>-<step>.jsonl.

@@ -1,4 +1,5 @@
 """The trainer on the tiny config: learning, resuming, preemption, divergence, frozen params."""
+import json
 import os
 import pathlib
 import shutil
@@ -17,6 +18,7 @@ train_common.enable_compilation_cache()
 import gin  # noqa: E402
 import jax  # noqa: E402
 
+from omni_smola.evaluation import tables  # noqa: E402
 from omni_smola.training import data_iterator, faults, trainer  # noqa: E402
 
 
@@ -67,6 +69,23 @@ def test_adapter_export_holds_only_adapter_parameters(tiny_run):
   assert set(exported) == adapters and adapters
   for name in adapters:
     np.testing.assert_array_equal(exported[name], full[name])
+
+
+def test_the_evaluated_step_is_kept_as_the_best_with_its_average_validation_score(tiny_run):
+  # The shared run evaluates once, at step 30: that is its best so far.
+  model_dir, summary = tiny_run
+  results = summary["eval_results"]["30"]
+  record = json.loads((model_dir / "best" / "best.json").read_text())
+  assert record["step"] == 30 and set(record["tasks"]) == set(results)
+  assert record["score"] == pytest.approx(
+      np.mean([metrics[tables.main_metric(metrics)] for metrics in results.values()]))
+  best = trainer.checkpointing.resolve_checkpoint(str(model_dir / "best"))
+  assert best == str(model_dir / "best" / "30")
+  kept = train_common.read_params(best)
+  saved = train_common.read_params(str(model_dir / "checkpoints" / "30"))
+  assert set(kept) == set(saved)
+  for name in saved:
+    np.testing.assert_array_equal(kept[name], saved[name], err_msg=name)
 
 
 def test_frozen_parameters_get_no_optimizer_state_and_never_change(tiny_run):

@@ -6,13 +6,16 @@ Layout under MODEL_DIR:
                                 (an Orbax PyTree; `params` is what other readers use)
     checkpoints/<step>/data/    JSON: how many batches the input pipeline consumed
     adapters/<step>/adapters/   the adapter parameters only, `{'params': ...}`
+    best/<step>/, best/best.json
+                                the best checkpoint by average validation score
+                                and its record (`best_checkpoint.py`)
 
 Orbax writes each step into a temporary directory and renames it when complete,
 so a run killed mid-save leaves the previous checkpoint intact. Saves are
 asynchronous (the device-to-host copy blocks, the writing does not).
 
 `resolve_checkpoint` turns what users pass as a checkpoint (a MODEL_DIR, its
-`checkpoints/` directory or one step directory) into a step directory;
+`checkpoints/` or `best/` directory or one step directory) into a step directory;
 `restore_params` reads parameters from it, or from any format
 `omni_smola.checkpoints.load_pretrained` reads (HF safetensors, T5X, big_vision).
 """
@@ -46,16 +49,21 @@ class CheckpointConfig:
     keep: how many recent checkpoints to keep (None: all).
     use_async: write in a background thread.
     export_adapters: also save the adapter parameters alone under `adapters/`.
+    keep_best: after each in-training evaluation, keep the checkpoint with the
+      best average validation score so far under `best/`, outside `keep`'s
+      count (`omni_smola.training.best_checkpoint`; the paper's selection). A
+      run that never evaluates keeps none and says so once.
   """
 
   def __init__(self, period: int = 1000, keep: Optional[int] = 3, use_async: bool = True,
-               export_adapters: bool = True):
+               export_adapters: bool = True, keep_best: bool = True):
     if period < 1:
       raise ValueError(f"CheckpointConfig.period must be >= 1, got {period}")
     self.period = period
     self.keep = keep
     self.use_async = use_async
     self.export_adapters = export_adapters
+    self.keep_best = keep_best
 
 
 def is_adapter_path(path: Sequence[str]) -> bool:

@@ -11,8 +11,10 @@
    backbone from INITIAL_CHECKPOINT_PATH when given, adapters fresh;
 4. splits parameters into trainable (optimised) and frozen (closed over);
 5. steps, logging metric sums every `log_period` steps, checkpointing every
-   `CheckpointConfig.period` steps, evaluating every `eval_period` steps,
-   stopping cleanly on SIGTERM and loudly on a non-finite loss.
+   `CheckpointConfig.period` steps, evaluating every `eval_period` steps
+   (and keeping the best checkpoint by average validation score under
+   MODEL_DIR/best/, `best_checkpoint.py`), stopping cleanly on SIGTERM and
+   loudly on a non-finite loss.
 """
 import dataclasses
 import os
@@ -26,7 +28,8 @@ import gin
 import jax
 import numpy as np
 
-from omni_smola.training import checkpointing, data_iterator, faults, metrics_logging
+from omni_smola.training import best_checkpoint, checkpointing, data_iterator, faults
+from omni_smola.training import metrics_logging
 from omni_smola.training import optimizers, partitioned_step
 from omni_smola.training.train_state import (TrainState, count_parameters, merge_params,
                                              split_params)
@@ -171,7 +174,11 @@ def train(*, model, model_dir: str, train_dataset_cfg: data_iterator.DatasetConf
     trainable_overrides: (regex, trainable) pairs over parameter paths, first
       match wins (e.g. the specialist recipe freezes everything but its LoRA).
     partitioner: the mesh and rules (`Partitioner()` as gin configures it).
-    checkpoint_cfg: period, keep-N, async (`CheckpointConfig()`).
+    checkpoint_cfg: period, keep-N, async, keep-best (`CheckpointConfig()`).
+      With `keep_best` (the default) each evaluation that beats every earlier
+      one (average over tasks of each task's main metric) is kept under
+      MODEL_DIR/best/; a run that does not evaluate (`eval_period` 0 or no
+      `infer_eval_dataset_cfg`) logs one warning naming both and keeps none.
     initial_checkpoint_path: INITIAL_CHECKPOINT_PATH, read when not resuming:
       our own checkpoints or any format `load_pretrained` reads; parameters it
       lacks must be adapters or match `initial_checkpoint_allow_missing`.
@@ -262,6 +269,8 @@ def train(*, model, model_dir: str, train_dataset_cfg: data_iterator.DatasetConf
         model, partitioner, layout.params_sharding, infer_eval_dataset_cfg,
         eval_output_dir or os.path.join(model_dir, "eval"), num_examples=eval_num_examples,
         writer=metrics_logging.create_writer(model_dir, "eval"))
+  best_keeper = best_checkpoint.keeper_for_run(model_dir, checkpoint_cfg.keep_best,
+                                               eval_period, infer_eval_dataset_cfg is not None)
   logger = metrics_logging.TrainMetricsLogger(model_dir, train_steps,
                                               train_dataset_cfg.batch_size)
   _write_operative_config(model_dir)
@@ -314,6 +323,9 @@ def train(*, model, model_dir: str, train_dataset_cfg: data_iterator.DatasetConf
         if eval_now:
           result.eval_results[step] = evaluator.evaluate(
               merge_params(state.trainable, frozen), step)
+          if best_keeper is not None:
+            best_keeper.offer(step, result.eval_results[step],
+                              lambda: state.to_checkpoint(frozen), batches.position())
           logger.reset_clock()
         if preempted:
           logging.warning("Preempted: checkpoint of step %d saved; exiting", step)
@@ -321,6 +333,8 @@ def train(*, model, model_dir: str, train_dataset_cfg: data_iterator.DatasetConf
           break
   finally:
     checkpointer.close()
+    if best_keeper is not None:
+      best_keeper.close()
     logger.close()
   result.step = step
   result.loss_history = list(logger.history)
