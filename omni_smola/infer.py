@@ -1,14 +1,22 @@
-r"""Decodes a prompt about image files: `python -m omni_smola.infer --image=... --prompt=...`.
+r"""Asks a task's prompt about image files: `python -m omni_smola.infer --task=T --image=F`.
 
     python -m omni_smola.infer \
       --gin_file=experiments/mini_infer.gin \
       --gin.CHECKPOINT_PATH=runs/demo/omni_smola \
-      --image=photo.png --image=chart.png --prompt='answer en what colour is the circle?'
+      --task=mini_shapes_color_qa --question='what colour is the circle?' \
+      --image=photo.png --image=chart.png
 
 Prints one `path<TAB>text` line per image. `--decoding=beam` (with --beam_size) or
-greedy; INFER_OUTPUT_DIR also receives predictions.jsonl. The prompt is tokenized
-with the gin-chosen vocabulary (`VOCABULARY`, the one the model was trained with)
-and EOS-terminated, as the training tasks do.
+greedy; INFER_OUTPUT_DIR also receives predictions.jsonl.
+
+The example is built the way training builds it, not re-implemented here: each image file's
+bytes and the question become a contract example (what a task's source yields), the
+registered task's own preprocessors turn it into a prompt and tokens (in the gin-chosen
+prompt style, with the task's vocabulary), and the trainer's feature converter decodes and
+resizes the image (`infer_features`). `--task` (or the INFER_TASK macro) names the task;
+a VQA task needs `--question`, a captioning task refuses one. `--prompt=TEXT` instead asks
+an ad-hoc prompt (`{question}` in it is filled in with --question) through the same steps,
+with the VOCABULARY macro's vocabulary; it cannot be combined with a task.
 """
 
 import sys
@@ -20,78 +28,183 @@ if __name__ == "__main__":
   # this module (not a second copy defining its flags and configurables again).
   sys.modules.setdefault("omni_smola.infer", sys.modules[__name__])
 
+import difflib
 import json
 import os
-from typing import List, Optional, Sequence
+import re
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from absl import flags
 import gin
 import jax
 import numpy as np
+import seqio
 import tensorflow as tf
 
 from omni_smola import launching
-from omni_smola.data import get_vocabulary, resize_and_normalize
-from omni_smola.training import checkpointing, partitioned_step, trainer
+from omni_smola import param_layout
+from omni_smola.data import PaliFeatureConverter, VLTask, build_vl_task, contract_source
+from omni_smola.training import checkpointing, data_iterator, partitioned_step, trainer
 
 flags.DEFINE_multi_string("image", [], "Image files to describe or ask about.")
-flags.DEFINE_string("prompt", "caption en", "The prompt, e.g. 'answer en what is this?'.")
+flags.DEFINE_string("task", None, "The registered task whose prompt to ask (overrides "
+                    "INFER_TASK), e.g. mini_shapes_caption.")
+flags.DEFINE_string("question", None, "The question, for a VQA task (or a --prompt with "
+                    "{question}).")
+flags.DEFINE_string("prompt", None, "An ad-hoc prompt instead of a task's, e.g. "
+                    "'answer en what is this?'.")
 flags.DEFINE_enum("decoding", None, ["greedy", "beam"], "Overrides infer.decoding.")
 flags.DEFINE_integer("beam_size", None, "Overrides infer.beam_size.")
 FLAGS = flags.FLAGS
 
+AD_HOC_TASK = "infer_prompt"  # the name (and task_id) of a --prompt's task
 
-def load_image(path: str, image_size: int) -> np.ndarray:
-  """An image file -> float32 [H, W, 3] in [-1, 1], as the feature converter makes it."""
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"image file does not exist: {path}")
-  data = tf.io.read_file(path)
+
+def _registered_task(name: str) -> VLTask:
+  if name in seqio.TaskRegistry.names():
+    task = seqio.TaskRegistry.get(name)
+    if not isinstance(task, VLTask):
+      raise launching.FlagError(f"--task={name!r} is not a vision-language task (one "
+                                "registered with register_vl_task)")
+    return task
+  if name in seqio.MixtureRegistry.names():
+    tasks = sorted(t.name for t in seqio.get_mixture_or_task(name).tasks)
+    raise launching.FlagError(f"--task={name!r} is a mixture; name one of its tasks: "
+                              f"{', '.join(tasks)}")
+  close = difflib.get_close_matches(name, sorted(seqio.TaskRegistry.names()), n=3)
+  raise launching.FlagError(
+      f"--task={name!r}: no task is registered under that name (--task or INFER_TASK; "
+      "tasks come from MIXTURE_OR_TASK_MODULE)" +
+      (f"; did you mean {' or '.join(close)}?" if close else ""))
+
+
+def resolve_task(task: Optional[str], prompt: Optional[str], question: Optional[str],
+                 vocabulary: str = "default") -> VLTask:
+  """The task whose preprocessors build the examples; errors name the flags at fault.
+
+  Args:
+    task: a registered VL task (--task / INFER_TASK), or None with `prompt`.
+    prompt: an ad-hoc prompt (--prompt), or None with `task`.
+    question: --question: required by a task whose prompt has `{question}`, refused by
+      one without (a question a captioning prompt drops would be silently ignored).
+    vocabulary: the ad-hoc prompt's vocabulary (a task brings its own).
+  """
+  if task and prompt is not None:
+    raise launching.FlagError(
+        f"--prompt={prompt!r} and task {task!r} (--task or INFER_TASK) are both given: the "
+        "task brings its own prompt; pass one of them")
+  if task:
+    resolved, named = _registered_task(task), f"--task={task!r}"
+  elif prompt is not None:
+    try:
+      # Its source is never read: `infer_features` hands it the examples.
+      resolved = build_vl_task(AD_HOC_TASK, source=contract_source(tf.data.Dataset.range(0)),
+                               prompt=prompt, vocabulary=vocabulary)
+    except ValueError as e:
+      raise launching.FlagError(f"--prompt={prompt!r}: {e}") from None
+    named = f"--prompt={prompt!r}"
+  else:
+    raise launching.FlagError("no task given: pass --task=NAME (a registered task, e.g. "
+                              "mini_shapes_caption; or set INFER_TASK) or --prompt=TEXT")
+  asked = bool(question and question.strip())
+  if resolved.asks_question() and not asked:
+    raise launching.FlagError(f"{named} asks a question: pass --question=TEXT")
+  if asked and not resolved.asks_question():
+    raise launching.FlagError(f"{named} asks no question (its prompt has no {{question}}): "
+                              f"drop --question={question!r} or name a VQA task")
+  return resolved
+
+
+def contract_examples(images: Sequence[str], question: str = "") -> tf.data.Dataset:
+  """One contract example per image file, as a task's source would yield it (no answer)."""
+  for path in images:
+    if not tf.io.gfile.exists(path):
+      raise FileNotFoundError(f"image file does not exist: {path}")
+  encoded = [tf.io.gfile.GFile(path, "rb").read() for path in images]
+  count = len(images)
+  return tf.data.Dataset.from_tensor_slices({
+      # object arrays: numpy's bytes dtype would drop an image's trailing NUL bytes
+      "image": np.array(encoded, dtype=object),
+      "image_id": np.array(list(images), dtype=object),
+      "question_id": np.array([str(i) for i in range(count)], dtype=object),
+      "question": np.array([question] * count, dtype=object),
+      "answers": np.array([[""]] * count, dtype=object),
+      "answer_type": np.array([""] * count, dtype=object),
+  })
+
+
+def _unreadable_image(message: str) -> str:
+  """The file and reason of the converter's CorruptImageError, without its dataset advice."""
+  found = re.search(r"image_id=(.*?), question_id=.*?cannot be decoded: (.*?)\.? Fix or",
+                    message, re.S)
+  if not found:
+    return f"--image: cannot decode an image: {message.strip().splitlines()[0]}"
+  return f"--image={found.group(1)}: cannot be decoded: {found.group(2)}"
+
+
+def infer_features(task: VLTask, images: Sequence[str], question: str,
+                   lengths: Dict[str, int], image_size: int,
+                   ) -> Tuple[Dict[str, np.ndarray], List[str]]:
+  """({image, encoder_input_tokens} stacked over `images`, each prompt's text).
+
+  The features the trainer's pipeline makes of these images and this question through
+  `task`: its preprocessors (`VLTask.dataset_from_contract`), then `PaliFeatureConverter`
+  at the model's image size.
+  """
+  examples = task.dataset_from_contract(contract_examples(images, question or ""), lengths)
+  converted = PaliFeatureConverter(image_size=image_size)(examples, lengths)
   try:
-    image = tf.io.decode_image(data, channels=3, expand_animations=False, dtype=tf.uint8)
-  except tf.errors.InvalidArgumentError as e:
-    raise ValueError(f"cannot decode image {path}: {e.message}") from None
-  return resize_and_normalize(image, (image_size, image_size)).numpy()
-
-
-def encode_prompt(vocabulary, prompt: str, length: int) -> np.ndarray:
-  ids = list(vocabulary.encode(prompt))[:length - 1] + [vocabulary.eos_id]
-  return np.asarray(ids + [0] * (length - len(ids)), np.int32)
+    seen = list(examples.as_numpy_iterator())
+    features = list(converted.as_numpy_iterator())
+  except tf.errors.OpError as e:  # an image the converter cannot decode
+    raise launching.FlagError(_unreadable_image(e.message)) from None
+  kept = [row["image_id"].decode() for row in seen]
+  if kept != list(images):  # a task registered with on_corrupt_image='skip' drops them
+    dropped = [path for path in images if path not in kept]
+    raise launching.FlagError(f"--image: task {task.name!r} cannot decode {dropped}")
+  stacked = {key: np.stack([row[key] for row in features])
+             for key in ("image", "encoder_input_tokens")}
+  return stacked, [row["inputs_pretokenized"].decode() for row in seen]
 
 
 @gin.configurable(module="omni_smola.infer")
-def infer(*, model, checkpoint_path: str, images: Sequence[str], prompt: str,
+def infer(*, model, checkpoint_path: str, images: Sequence[str], task: Optional[str] = None,
+          question: Optional[str] = None, prompt: Optional[str] = None,
           vocabulary: str = "default", input_length: int = 32, max_decode_length: int = 32,
           decoding: str = "greedy", beam_size: int = 4, output_dir: Optional[str] = None,
+          module: Union[str, Sequence[str], None] = None,
           partitioner: Optional[partitioned_step.Partitioner] = None) -> List[str]:
-  """The decoded text for each image, given one prompt.
+  """The decoded text for each image, asked the task's prompt (or an ad-hoc one).
 
   Args:
     model: the `PaliModel` the checkpoint was trained as.
     checkpoint_path: CHECKPOINT_PATH: a MODEL_DIR, checkpoints/ dir or step dir.
-    images: image files (any format TensorFlow decodes).
-    prompt: e.g. 'caption en' or 'answer en what colour is the square?'.
-    vocabulary: the name `omni_smola.data.get_vocabulary` takes ('mini', a path...).
+    images: image files (any format the feature converter decodes).
+    task: INFER_TASK (or --task): a registered VL task, e.g. 'mini_shapes_color_qa'.
+    question: the question, for a task (or prompt) with `{question}`.
+    prompt: an ad-hoc prompt instead of a task, e.g. 'answer en what is this?'.
+    vocabulary: VOCABULARY: the ad-hoc prompt's vocabulary (`get_vocabulary` name).
     input_length, max_decode_length: prompt and output token budgets.
     decoding: 'greedy' or 'beam' (`beam_size` beams).
     output_dir: INFER_OUTPUT_DIR; when set, predictions.jsonl is written there.
+    module: MIXTURE_OR_TASK_MODULE, imported to register the tasks.
   """
   if not images:
-    raise ValueError("no image given: pass --image=PATH (repeatable)")
+    raise launching.FlagError("no image given: pass --image=PATH (repeatable)")
   if decoding not in ("greedy", "beam"):
     raise ValueError(f"decoding={decoding!r} is not 'greedy' or 'beam'")
-  path = checkpointing.resolve_checkpoint(checkpoint_path)
-  vocab = get_vocabulary(vocabulary)
+  data_iterator.import_task_modules(module)
+  resolved = resolve_task(task, prompt, question, vocabulary)
   size = trainer.image_size_of(model)
-  pixels = np.stack([load_image(p, size) for p in images])
+  features, prompts = infer_features(
+      resolved, images, question, {"inputs": input_length, "targets": max_decode_length}, size)
+  path = checkpointing.resolve_checkpoint(checkpoint_path)
   partitioner = partitioner if partitioner is not None else partitioned_step.Partitioner()
   rows = -(-len(images) // partitioner.data_parallel_size) * partitioner.data_parallel_size
   pad = rows - len(images)
-  tokens = np.stack([encode_prompt(vocab, prompt, input_length)] * len(images))
-  batch = {
-      "image": np.concatenate([pixels, np.repeat(pixels[-1:], pad, 0)]),
-      "encoder_input_tokens": np.concatenate([tokens, np.repeat(tokens[-1:], pad, 0)]),
-      "decoder_input_tokens": np.zeros((rows, max_decode_length), np.int32),
-  }
+  batch = {key: np.concatenate([value, np.repeat(value[-1:], pad, 0)])
+           for key, value in features.items()}
+  batch["decoder_input_tokens"] = np.zeros((rows, max_decode_length), np.int32)
   shapes = {"encoder_input_tokens": (1, input_length),
             "decoder_input_tokens": (1, max_decode_length)}
   if model.config.vision is not None:
@@ -99,7 +212,7 @@ def infer(*, model, checkpoint_path: str, images: Sequence[str], prompt: str,
   abstract = partitioned_step.abstract_variables(model, shapes)
   params_sharding = partitioner.variables_sharding(abstract)["params"]
   params = checkpointing.restore_params(path, partitioned_step.with_sharding(
-      trainer.box_values(abstract["params"]), params_sharding), require_adapters=True)
+      param_layout.unbox(abstract["params"]), params_sharding), require_adapters=True)
   decoder_params = {"decoding": decoding, "max_decode_length": max_decode_length}
   num_decodes = beam_size if decoding == "beam" else 1
 
@@ -113,13 +226,15 @@ def infer(*, model, checkpoint_path: str, images: Sequence[str], prompt: str,
   run = partitioned_step.jit_params_fn(partitioner, predict, params_sharding,
                                        partitioner.batch_sharding(local))
   decoded = np.asarray(run(params, partitioner.global_batch(local, rows)).addressable_data(0))
+  vocab = resolved.output_features["targets"].vocabulary
   texts = [vocab.decode([int(t) for t in row if t != 0]) for row in decoded[:len(images)]]
   if output_dir and jax.process_index() == 0:
     os.makedirs(output_dir, exist_ok=True)
     with open(os.path.join(output_dir, "predictions.jsonl"), "w") as f:
-      for image, text in zip(images, texts):
-        f.write(json.dumps({"image": image, "prompt": prompt, "prediction": text,
-                            "checkpoint": path, "decoding": decoding}) + "\n")
+      for image, text, asked in zip(images, texts, prompts):
+        f.write(json.dumps({"image": image, "task": task or None, "question": question,
+                            "prompt": asked, "prediction": text, "checkpoint": path,
+                            "decoding": decoding}) + "\n")
   return texts
 
 
@@ -136,7 +251,10 @@ def main(argv):
       overrides["decoding"] = FLAGS.decoding
     if FLAGS.beam_size:
       overrides["beam_size"] = FLAGS.beam_size
-    return infer(images=FLAGS.image, prompt=FLAGS.prompt, **overrides)
+    if FLAGS.task is not None:
+      overrides["task"] = FLAGS.task
+    return infer(images=FLAGS.image, prompt=FLAGS.prompt, question=FLAGS.question,
+                 **overrides)
 
   texts = launching.exit_on_user_error(run)
   if jax.process_index() == 0:

@@ -48,6 +48,10 @@ class GinConfigError(ValueError):
   """A gin file or binding that does not parse or names nothing."""
 
 
+class FlagError(ValueError):
+  """A command-line flag that is missing, conflicts with another, or names nothing."""
+
+
 def _as_gin_value(value: str) -> str:
   """VALUE as gin reads it; bare words and paths become strings."""
   text = value.strip()
@@ -224,8 +228,8 @@ def user_errors() -> tuple:
   from omni_smola.training.data_iterator import UnknownTaskError
   from omni_smola.training.faults import NonFiniteLossError
   from omni_smola.training.trainer import MissingSettingError
-  return (GinConfigError, FileNotFoundError, CheckpointMismatchError, AdapterConfigError,
-          UnknownTaskError, NonFiniteLossError, MissingSettingError)
+  return (GinConfigError, FlagError, FileNotFoundError, CheckpointMismatchError,
+          AdapterConfigError, UnknownTaskError, NonFiniteLossError, MissingSettingError)
 
 
 def _is_missing_binding(error: Exception) -> bool:

@@ -1,7 +1,9 @@
 """Data plumbing: image decoding, vocabularies, the PaLI feature converter, task registration.
 
 Public API (see README "Data and tasks"):
-  register_vl_task, register_vl_mixture, tfds_source, vl_output_features
+  register_vl_task, build_vl_task, register_vl_mixture, tfds_source, vl_output_features
+  VLTask (dataset_from_contract: a task's examples for in-memory contract examples),
+  contract_source
   PaliFeatureConverter
   get_vocabulary, sentencepiece_vocabulary (gin), MINI_SENTENCEPIECE_PATH
   task_id, task_name
@@ -21,6 +23,8 @@ from omni_smola.data.prompts import VQA_PROMPT
 from omni_smola.data.prompts import prompt_style
 from omni_smola.data.registration import VLTask
 from omni_smola.data.registration import VLTfdsSource
+from omni_smola.data.registration import build_vl_task
+from omni_smola.data.registration import contract_source
 from omni_smola.data.registration import register_vl_mixture
 from omni_smola.data.registration import register_vl_task
 from omni_smola.data.registration import tfds_source

@@ -7,8 +7,10 @@
 The task reads contract examples (see `preprocessors`), builds the PaLI prompt, draws one
 training target from `answers`, tokenizes and appends EOS; the image stays encoded until the
 feature converter (see images.py for why). Its examples carry `answers` so metrics score
-against every reference. Registration replaces a task or
-mixture of the same name, so re-importing (or reloading) a registration module never raises.
+against every reference. `VLTask.dataset_from_contract` runs the same steps on contract
+examples held in memory (inference on a user's image and question). Registration replaces
+a task or mixture of the same name, so re-importing (or reloading) a registration module
+never raises.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from omni_smola.data import task_ids
 from omni_smola.data import vocabularies
 
 MetricFn = Callable[..., Mapping[str, float]]
+CONTRACT_SPLIT = "contract"  # the split name of `VLTask.dataset_from_contract`'s source
 
 
 def vl_output_features(vocabulary: seqio.Vocabulary) -> dict[str, seqio.Feature]:
@@ -74,19 +77,56 @@ def tfds_source(tfds_name: str, splits: Optional[Union[Sequence[str], Mapping[st
 
 
 class VLTask(seqio.Task):
-  """A seqio.Task that never caches its source in memory of its own accord.
+  """A seqio.Task that knows its prompt and can be fed contract examples directly.
 
   seqio caches any split under 10,000 examples in memory (`try_in_mem_cache`). For VL
   tasks that holds up to 10,000 encoded images per task and host, and buys little: reading
   TFDS records is cheap next to decoding the images, which happens after the cache anyway.
   Evaluation reads `num_examples` of such a cache and drops the rest, so tf.data discards
   the partial cache (and warns, once per task and evaluation); training stopped mid-epoch
-  does the same.
+  does the same. So this task never caches of its own accord.
+
+  `dataset_from_contract` is how inference asks the task about a user's image: the same
+  preprocessors training runs, minus the ones that map the source onto the contract.
   """
+
+  def __init__(self, *args, prompt: Optional[prompts.Prompt] = None,
+               num_source_preprocessors: int = 0, **kwargs):
+    super().__init__(*args, **kwargs)
+    self.prompt = prompt
+    self.num_source_preprocessors = num_source_preprocessors
 
   def get_dataset(self, *args, try_in_mem_cache: bool = False, **kwargs) -> tf.data.Dataset:
     del try_in_mem_cache  # seqio's mixtures pass True; see the class docstring
     return super().get_dataset(*args, try_in_mem_cache=False, **kwargs)
+
+  def asks_question(self) -> bool:
+    """Whether the prompt (in the gin-chosen style) has a `{question}` to fill in."""
+    return self.prompt is not None and (
+        prompts.QUESTION_PLACEHOLDER in prompts.prompt_text(self.prompt))
+
+  def dataset_from_contract(self, examples: tf.data.Dataset,
+                            sequence_length: Mapping[str, int],
+                            seed: int = 0) -> tf.data.Dataset:
+    """This task's examples for `examples` (contract examples) instead of its source's.
+
+    seqio's own `get_dataset` runs, unshuffled, over a source that yields `examples`, with
+    the task's preprocessors after its `source_preprocessors` (those map the source's
+    features onto the contract, which `examples` already follow). So the prompt, its
+    tokens, EOS and trimming are the ones training sees. `seed` is seqio's (it draws the
+    training target among `answers`; the prompt does not depend on it).
+    """
+    task = seqio.Task(self.name, source=contract_source(examples),
+                      output_features=self.output_features,
+                      preprocessors=self.preprocessors[self.num_source_preprocessors:],
+                      shuffle_buffer_size=None)
+    return task.get_dataset(sequence_length, split=CONTRACT_SPLIT, shuffle=False, seed=seed)
+
+
+def contract_source(examples: tf.data.Dataset) -> seqio.FunctionDataSource:
+  """A source whose one split, CONTRACT_SPLIT, yields `examples` (contract examples)."""
+  return seqio.FunctionDataSource(lambda split, shuffle_files, seed=None: examples,
+                                  splits=[CONTRACT_SPLIT])
 
 
 def _resolve_vocabulary(vocabulary: Union[str, seqio.Vocabulary]) -> seqio.Vocabulary:
@@ -95,7 +135,7 @@ def _resolve_vocabulary(vocabulary: Union[str, seqio.Vocabulary]) -> seqio.Vocab
   return vocabulary
 
 
-def register_vl_task(
+def build_vl_task(
     name: str,
     *,
     source: seqio.DataSource,
@@ -107,8 +147,8 @@ def register_vl_task(
     on_corrupt_image: str = images.ON_CORRUPT_RAISE,
     source_preprocessors: Sequence[Callable] = (),
     shuffle_buffer_size: Optional[int] = seqio.dataset_providers.SHUFFLE_BUFFER_SIZE,
-) -> seqio.Task:
-  """Registers (or replaces) a captioning/VQA task and returns it.
+) -> VLTask:
+  """A captioning/VQA task, not registered (`register_vl_task` registers one).
 
   Args:
     name: the task's name; also determines its `task_id`.
@@ -140,18 +180,26 @@ def register_vl_task(
   if on_corrupt_image == images.ON_CORRUPT_SKIP:
     task_preprocessors.append(functools.partial(images.drop_unreadable_images, task_name=name))
   task_preprocessors += [preprocessors.tokenize_text, seqio.preprocessors.append_eos_after_trim]
-  if name in seqio.TaskRegistry.names():
-    seqio.TaskRegistry.remove(name)
-  return seqio.TaskRegistry.add(
+  return VLTask(
       name,
-      task_cls=VLTask,
       source=source,
       preprocessors=task_preprocessors,
       output_features=vl_output_features(_resolve_vocabulary(vocabulary)),
       postprocess_fn=postprocess_fn,
       metric_fns=list(metric_fns),
       shuffle_buffer_size=shuffle_buffer_size,
+      prompt=prompt,
+      num_source_preprocessors=len(source_preprocessors),
   )
+
+
+def register_vl_task(name: str, **kwargs) -> VLTask:
+  """Registers (or replaces) a captioning/VQA task and returns it; see `build_vl_task`."""
+  task = build_vl_task(name, **kwargs)
+  if name in seqio.TaskRegistry.names():
+    seqio.TaskRegistry.remove(name)
+  seqio.TaskRegistry.add_provider(name, task)
+  return task
 
 
 def register_vl_mixture(name: str, tasks_and_rates: Union[Mapping[str, float],
