@@ -41,6 +41,7 @@ setuptools.setup(
             # Parity tests against the reference implementations (CPU torch).
             "torch>=2.3",
             "transformers>=4.44",
+            "peft>=0.13",  # LoRA exported in peft's format loads with PeftModel
         ],
     },
     entry_points={
@@ -48,6 +49,7 @@ setuptools.setup(
             "omni-smola-train=omni_smola.train:console_entry_point",
             "omni-smola-eval=omni_smola.eval:console_entry_point",
             "omni-smola-infer=omni_smola.infer:console_entry_point",
+            "omni-smola-export=omni_smola.export:console_entry_point",
         ],
     },
 )

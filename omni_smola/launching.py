@@ -223,13 +223,16 @@ def run(main, argv: Optional[Sequence[str]] = None) -> None:
 def user_errors() -> tuple:
   """Exceptions that mean bad input or a failed run, not a bug: reported without traceback."""
   # pylint: disable=g-import-not-at-top
+  from omni_smola.checkpoints.merge import NothingToMergeError
   from omni_smola.checkpoints.restore import CheckpointMismatchError
+  from omni_smola.checkpoints.staging import OutputExistsError
   from omni_smola.nn import AdapterConfigError
   from omni_smola.training.data_iterator import UnknownTaskError
   from omni_smola.training.faults import NonFiniteLossError
   from omni_smola.training.trainer import MissingSettingError
   return (GinConfigError, FlagError, FileNotFoundError, CheckpointMismatchError,
-          AdapterConfigError, UnknownTaskError, NonFiniteLossError, MissingSettingError)
+          AdapterConfigError, UnknownTaskError, NonFiniteLossError, MissingSettingError,
+          NothingToMergeError, OutputExistsError)
 
 
 def _is_missing_binding(error: Exception) -> bool:

@@ -38,6 +38,29 @@ _RAW_DTYPES = {
 }
 
 
+# ----------------------------------------------------------------------------- names
+
+# HF module names -> ours. The importers below read them one way and
+# `hf_export` / `peft_export` the other, so import and export cannot disagree.
+# T5: each block's `layer.{j}` (j = position in the tuple) is a sublayer, given as
+# (our pre-norm, HF module, our module).
+T5_SUBLAYERS = {
+    "encoder": (("pre_attention_layer_norm", "SelfAttention", "attention"),
+                ("pre_mlp_layer_norm", "DenseReluDense", "mlp")),
+    "decoder": (("pre_self_attention_layer_norm", "SelfAttention", "self_attention"),
+                ("pre_cross_attention_layer_norm", "EncDecAttention",
+                 "encoder_decoder_attention"),
+                ("pre_mlp_layer_norm", "DenseReluDense", "mlp")),
+}
+T5_INPUT_PROJECTIONS = (("q", "query"), ("k", "key"), ("v", "value"))  # [embed, heads, kv]
+T5_OUTPUT_PROJECTION = ("o", "out")  # [heads, kv, embed]
+T5_MLP_PROJECTIONS = ("wi_0", "wi_1", "wo")  # the same name on both sides
+SIGLIP_NORMS = (("layer_norm1", "LayerNorm_0"), ("layer_norm2", "LayerNorm_1"))
+SIGLIP_INPUT_PROJECTIONS = (("q_proj", "query"), ("k_proj", "key"), ("v_proj", "value"))
+SIGLIP_OUTPUT_PROJECTION = ("out_proj", "out")
+SIGLIP_MLP = (("fc1", "Dense_0"), ("fc2", "Dense_1"))
+
+
 # ----------------------------------------------------------------------------- reading
 
 
@@ -224,9 +247,10 @@ def t5_from_hf(tensors: Mapping[str, np.ndarray], config: Optional[Mapping[str, 
   out["token_embedder/embedding"] = embedding
 
   def attention(src: str, dst: str):
-    for hf, ours in (("q", "query"), ("k", "key"), ("v", "value")):
+    for hf, ours in T5_INPUT_PROJECTIONS:
       out[f"{dst}/{ours}/kernel"] = _linear_to_heads_in(get(f"{src}.{hf}.weight"), num_heads)
-    out[f"{dst}/out/kernel"] = _linear_to_heads_out(get(f"{src}.o.weight"), num_heads)
+    hf, ours = T5_OUTPUT_PROJECTION
+    out[f"{dst}/{ours}/kernel"] = _linear_to_heads_out(get(f"{src}.{hf}.weight"), num_heads)
 
   def mlp(src: str, dst: str):
     names = ("wi_0", "wi_1") if f"{src}.wi_0.weight" in get else ("wi",)
@@ -236,18 +260,10 @@ def t5_from_hf(tensors: Mapping[str, np.ndarray], config: Optional[Mapping[str, 
   for stack in ("encoder", "decoder"):
     for i in _layer_indices(tensors, rf"{stack}\.block\.(\d+)\."):
       src, dst = f"{stack}.block.{i}.layer", f"{stack}/layers_{i}"
-      if stack == "encoder":
-        out[f"{dst}/pre_attention_layer_norm/scale"] = get(f"{src}.0.layer_norm.weight")
-        attention(f"{src}.0.SelfAttention", f"{dst}/attention")
-        out[f"{dst}/pre_mlp_layer_norm/scale"] = get(f"{src}.1.layer_norm.weight")
-        mlp(f"{src}.1.DenseReluDense", f"{dst}/mlp")
-      else:
-        out[f"{dst}/pre_self_attention_layer_norm/scale"] = get(f"{src}.0.layer_norm.weight")
-        attention(f"{src}.0.SelfAttention", f"{dst}/self_attention")
-        out[f"{dst}/pre_cross_attention_layer_norm/scale"] = get(f"{src}.1.layer_norm.weight")
-        attention(f"{src}.1.EncDecAttention", f"{dst}/encoder_decoder_attention")
-        out[f"{dst}/pre_mlp_layer_norm/scale"] = get(f"{src}.2.layer_norm.weight")
-        mlp(f"{src}.2.DenseReluDense", f"{dst}/mlp")
+      for j, (norm, hf_module, module) in enumerate(T5_SUBLAYERS[stack]):
+        out[f"{dst}/{norm}/scale"] = get(f"{src}.{j}.layer_norm.weight")
+        sublayer = mlp if module == "mlp" else attention
+        sublayer(f"{src}.{j}.{hf_module}", f"{dst}/{module}")
     # [buckets, heads] in HF, [heads, buckets] in T5X; one table per stack, kept in block 0.
     out[f"{stack}/relpos_bias/rel_embedding"] = get(
         f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight").T
@@ -315,18 +331,19 @@ def siglip_vision_from_hf(tensors: Mapping[str, np.ndarray],
 
   for i in _layer_indices(get.tensors, r"encoder\.layers\.(\d+)\."):
     src, dst = f"encoder.layers.{i}", f"Transformer/encoderblock_{i}"
-    for hf, ours in (("layer_norm1", "LayerNorm_0"), ("layer_norm2", "LayerNorm_1")):
+    for hf, ours in SIGLIP_NORMS:
       out[f"{dst}/{ours}/scale"] = get(f"{src}.{hf}.weight")
       out[f"{dst}/{ours}/bias"] = get(f"{src}.{hf}.bias")
     attn = f"{dst}/MultiHeadDotProductAttention_0"
-    for hf, ours in (("q_proj", "query"), ("k_proj", "key"), ("v_proj", "value")):
+    for hf, ours in SIGLIP_INPUT_PROJECTIONS:
       weight = get(f"{src}.self_attn.{hf}.weight")
       out[f"{attn}/{ours}/kernel"] = _linear_to_heads_in(weight, num_heads)
       out[f"{attn}/{ours}/bias"] = get(f"{src}.self_attn.{hf}.bias").reshape(num_heads, -1)
-    out[f"{attn}/out/kernel"] = _linear_to_heads_out(get(f"{src}.self_attn.out_proj.weight"),
-                                                     num_heads)
-    out[f"{attn}/out/bias"] = get(f"{src}.self_attn.out_proj.bias")
-    for hf, ours in (("fc1", "Dense_0"), ("fc2", "Dense_1")):
+    hf, ours = SIGLIP_OUTPUT_PROJECTION
+    out[f"{attn}/{ours}/kernel"] = _linear_to_heads_out(get(f"{src}.self_attn.{hf}.weight"),
+                                                        num_heads)
+    out[f"{attn}/{ours}/bias"] = get(f"{src}.self_attn.{hf}.bias")
+    for hf, ours in SIGLIP_MLP:
       out[f"{dst}/MlpBlock_0/{ours}/kernel"] = get(f"{src}.mlp.{hf}.weight").T
       out[f"{dst}/MlpBlock_0/{ours}/bias"] = get(f"{src}.mlp.{hf}.bias")
   out["Transformer/encoder_norm/scale"] = get("post_layernorm.weight")

@@ -1,0 +1,217 @@
+r"""Exports a checkpoint for Hugging Face: `python -m omni_smola.export --merge ...`.
+
+    python -m omni_smola.export --gin_file=experiments/mini_export.gin \
+      --gin_file=adapters/lora.gin --gin.CHECKPOINT_PATH=runs/demo/lora \
+      --gin.EXPORT_DIR=runs/demo/lora_hf --merge
+
+Restores CHECKPOINT_PATH into the gin-configured model (its adapters/*.gin, and
+runs/specialist.gin's slot for a specialist) and writes EXPORT_DIR:
+
+  text/                      T5ForConditionalGeneration (config.json, model.safetensors)
+  vision/                    SiglipVisionModel (a PaLI model only)
+  img_projection.safetensors PaLI's ViT -> text projection (`kernel` [vit, text], `bias`)
+  merged/                    --merge: the merged parameters in our layout (Orbax; what
+                             `eval` reads), with the adapters that could not be merged
+  peft/<slot>/               --peft: each LoRA slot of the text model in peft's format
+                             (adapter_model.safetensors, adapter_config.json)
+  export.json                what was merged, kept and exported
+
+`--merge` folds every LoRA slot into the kernels (`checkpoints/merge.py`); SMoLA,
+Omni-SMoLA, MixLoRA and MoLE slots depend on the input and are kept (a log line names
+each), so text/ and vision/ then hold the backbone with the LoRA merged and without
+them. `--peft` keeps the LoRA apart, for `peft.PeftModel.from_pretrained`. A model
+with adapters needs one of the two. EXPORT_DIR must be absent or empty unless
+`--overwrite`; it is written in a temporary directory beside it and renamed into place
+at the end, so a failed export leaves nothing half-written.
+"""
+
+import sys
+
+if __name__ == "__main__":
+  from omni_smola import console  # pylint: disable=g-import-not-at-top
+  console.hold_native_stderr()
+  # gin files `import omni_smola.export`, which must be this module.
+  sys.modules.setdefault("omni_smola.export", sys.modules[__name__])
+
+import json
+import os
+from typing import Any, Dict, Mapping
+
+from absl import flags
+from absl import logging
+import gin
+import numpy as np
+
+from omni_smola import launching
+from omni_smola import param_layout
+from omni_smola.checkpoints import hf_export, peft_export, restore, staging
+from omni_smola.checkpoints.merge import merge_lora
+from omni_smola.checkpoints.tree import Flat, flatten, unflatten
+from omni_smola.nn.adapter_plan import AdapterPlan
+
+flags.DEFINE_bool("merge", False, "Fold every LoRA adapter into the frozen kernels.")
+flags.DEFINE_bool("peft", False, "Write the text model's LoRA adapters in peft's format.")
+flags.DEFINE_bool("overwrite", False, "Replace a non-empty EXPORT_DIR.")
+FLAGS = flags.FLAGS
+
+MERGED_SUBDIR = "merged"
+RECORD_NAME = "export.json"
+
+
+def _residual_slots(plan: AdapterPlan) -> Dict[str, str]:
+  return {slot: spec.kind for slot, spec in plan.items() if spec.adds_residual}
+
+
+def _describe(slots: Mapping[str, str]) -> str:
+  return ", ".join(f"{slot}: {kind}" for slot, kind in slots.items())
+
+
+def check_modes(plan: AdapterPlan, merge: bool, peft: bool) -> None:
+  """Raises FlagError, naming the flags or slots, for a mode that cannot work."""
+  slots = _residual_slots(plan)
+  if merge and peft:
+    raise launching.FlagError("--merge and --peft exclude each other: --merge folds the "
+                              "LoRA into the kernels, --peft keeps it apart")
+  if peft:
+    if not slots:
+      raise launching.FlagError("--peft: the model has no adapter to export")
+    other = {s: k for s, k in slots.items() if k != "lora"}
+    if other:
+      raise launching.FlagError(f"--peft: peft's format holds LoRA only, and the model has "
+                                f"{_describe(other)}; use --merge (it keeps them)")
+  elif slots and not merge:
+    raise launching.FlagError(f"the model has adapters ({_describe(slots)}): pass --merge "
+                              "to fold LoRA into the kernels, or --peft for peft's format")
+
+
+def _check_slots_present(path: str, loaded: Flat, plan: AdapterPlan) -> None:
+  for slot, kind in _residual_slots(plan).items():
+    if not any(f"/{slot}/" in name for name in loaded):
+      raise restore.CheckpointMismatchError(
+          f"{path} has no parameters of adapter slot {slot!r} (the model's plan puts a "
+          f"{kind} adapter there, AdapterPlan.{slot}); was it trained with another adapter "
+          "config?")
+
+
+def restore_flat(model, checkpoint_path: str) -> Flat:
+  """The checkpoint's parameters as `{path: np.ndarray}`, checked against `model`."""
+  # Imported here: the trainer's modules pull in TensorFlow, which the pure export
+  # functions below do not need.
+  # pylint: disable-next=g-import-not-at-top
+  from omni_smola.training import checkpointing, partitioned_step
+  path = checkpointing.resolve_checkpoint(checkpoint_path)
+  loaded = restore.read_checkpoint(path)
+  _check_slots_present(path, loaded, model.adapters)
+  shapes = {"encoder_input_tokens": (1, 4), "decoder_input_tokens": (1, 4)}
+  abstract = partitioned_step.abstract_variables(model, shapes)
+  try:
+    params = restore.load_pretrained(param_layout.unbox(abstract["params"]), loaded)
+  except restore.CheckpointMismatchError as e:
+    raise restore.CheckpointMismatchError(str(e).replace("the given arrays", path, 1)) from None
+  return {name: np.asarray(value) for name, value in flatten(params).items()}
+
+
+def _text_params(flat: Flat, has_vision: bool) -> Flat:
+  return hf_export.subtree(flat, "text") if has_vision else dict(flat)
+
+
+def _check_text_only_lora(flat: Flat, plan: AdapterPlan, has_vision: bool) -> None:
+  if not has_vision:
+    return
+  for name in flat:
+    position = param_layout.adapter_position(name, plan)
+    if position is not None and not name.startswith("text/"):
+      raise launching.FlagError(f"--peft: {position.site} (slot {position.slot}) is outside "
+                                "the text model, which is all peft's T5 adapters cover; use "
+                                "--merge")
+
+
+def _save_orbax(directory: str, flat: Flat) -> None:
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(directory, {"params": unflatten(flat)})
+  checkpointer.wait_until_finished()
+
+
+def export_params(flat: Mapping[str, Any], config, plan: AdapterPlan, output_dir: str, *,
+                  merge: bool = False, peft: bool = False, overwrite: bool = False,
+                  source: str = "") -> Dict[str, Any]:
+  """Writes `flat` (the model's parameters, our layout) to `output_dir`; returns the record.
+
+  `config` is the model's `PaliConfig`; `plan` its `AdapterPlan`. See the module
+  docstring for the files and the modes.
+  """
+  check_modes(plan, merge, peft)
+  staging.check_output_dir(os.path.abspath(output_dir), overwrite)
+  has_vision = config.vision is not None
+  flat = {name: np.asarray(value) for name, value in flat.items()}
+  record: Dict[str, Any] = {"checkpoint": source, "merged": {}, "kept": {}, "peft": []}
+  if merge:
+    result = merge_lora(flat, plan)
+    flat, plan = result.params, result.plan
+    record.update(merged=result.merged, kept=result.kept)
+  if peft:
+    _check_text_only_lora(flat, plan, has_vision)
+  backbone = {n: v for n, v in flat.items() if not param_layout.is_adapter_path(n)}
+  with staging.staged_directory(output_dir, overwrite) as out:
+    tensors, hf_config = hf_export.t5_to_hf(_text_params(backbone, has_vision), config.text)
+    hf_export.write_hf_model(os.path.join(out, "text"), tensors, hf_config)
+    if has_vision:
+      tensors, hf_config = hf_export.siglip_vision_to_hf(hf_export.subtree(backbone, "img"),
+                                                         config.vision)
+      hf_export.write_hf_model(os.path.join(out, "vision"), tensors, hf_config)
+      hf_export.write_safetensors(os.path.join(out, "img_projection.safetensors"),
+                                  hf_export.subtree(backbone, "img_projection"))
+    if peft:
+      text = _text_params(flat, has_vision)
+      for slot, spec in plan.items():
+        tensors, adapter_config = peft_export.t5_lora_to_peft(text, slot, spec, config.text)
+        peft_export.write_peft_adapter(os.path.join(out, "peft", slot), tensors,
+                                       adapter_config)
+        record["peft"].append(slot)
+    if merge:
+      _save_orbax(os.path.join(out, MERGED_SUBDIR), flat)
+    with open(os.path.join(out, RECORD_NAME), "w") as f:
+      json.dump(record, f, indent=2, sort_keys=True)
+  if record["kept"]:
+    logging.info("text/ and vision/ hold the backbone with the LoRA merged, without the kept "
+                 "adapters (%s); %s/ has them", _describe(record["kept"]), MERGED_SUBDIR)
+  logging.info("Exported %s to %s", source or "the parameters", output_dir)
+  return record
+
+
+@gin.configurable(module="omni_smola.export")
+def export(*, model, checkpoint_path: str, output_dir: str, merge: bool = False,
+           peft: bool = False, overwrite: bool = False) -> Dict[str, Any]:
+  """Restores `checkpoint_path` into `model` and exports it (see the module docstring)."""
+  if not output_dir:
+    raise launching.FlagError("EXPORT_DIR is not set")
+  # Bad flags and an occupied output stop before the checkpoint is read.
+  check_modes(model.adapters, merge, peft)
+  staging.check_output_dir(os.path.abspath(output_dir), overwrite)
+  flat = restore_flat(model, checkpoint_path)
+  return export_params(flat, model.config, model.adapters, output_dir, merge=merge,
+                       peft=peft, overwrite=overwrite, source=checkpoint_path)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise SystemExit(f"unexpected arguments: {argv[1:]}")
+  launching.initialize_from_flags()
+
+  def run():
+    launching.parse_gin_from_flags()
+    # Not in EXPORT_DIR, which must stay empty until the export is renamed into place.
+    launching.start_log_file(None, "export")
+    return export(merge=FLAGS.merge, peft=FLAGS.peft, overwrite=FLAGS.overwrite)
+
+  record = launching.exit_on_user_error(run)
+  print(json.dumps(record, sort_keys=True), flush=True)
+
+
+def console_entry_point():
+  launching.run(main)
+
+
+if __name__ == "__main__":
+  console_entry_point()
