@@ -35,7 +35,7 @@ import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from omni_smola.nn import AdaptedDense, AdapterSpec, TokenContext  # noqa: E402
+from omni_smola.nn import AdaptedDense, AdapterPlan, AdapterSpec, TokenContext  # noqa: E402
 from omni_smola.nn.accounting import adapter_forward_flops, dense_forward_flops  # noqa: E402
 from contractions import dot_generals, product_flops, replay  # noqa: E402
 from timing import interleaved_minimums  # noqa: E402
@@ -59,7 +59,8 @@ def build(spec, x, context, d_model):
   """Per pass (forward, forward_backward): a thunk running the layer, and the
   products it runs (see `contractions.py`). Every array is a jit argument, so
   XLA cannot fold any of the work into compile-time constants."""
-  layer = AdaptedDense(d_model, kernel_axes=("embed", "mlp"), adapter=spec)
+  layer = AdaptedDense(d_model, kernel_axes=("embed", "mlp"),
+                       adapters=AdapterPlan(adapter=spec))
   params = nn.unbox(layer.init(jax.random.PRNGKey(1), x, context))["params"]
   # Non-zero B, so nothing is trivially zero.
   params = jax.tree_util.tree_map(lambda p: p + 0.01, params)

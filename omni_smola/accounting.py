@@ -27,19 +27,17 @@ import dataclasses
 import re
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-import flax.linen as nn
 import jax
 import numpy as np
 from flax import traverse_util
 
+from omni_smola import param_layout
 from omni_smola.nn import AdapterSpec
 from omni_smola.nn import accounting as adapter_accounting
 from omni_smola.training import optimizers, partitioned_step
 from omni_smola.training.train_state import split_params
 
 STACKS = ("vision", "encoder", "decoder", "embedding")
-SMOLA_GROUPS = ("mm", "vis", "txt")
-ADAPTER_MODULES = ("adapter", "specialist_adapter")
 DEFAULT_TASK_FEATURE_LENGTHS = {"inputs": 32, "targets": 32}
 REFERENCE_OPTIMIZERS = ("adafactor", "adamw")
 
@@ -116,12 +114,6 @@ class Leaf:
     return self.size * np.dtype(self.dtype).itemsize
 
 
-def _unbox(tree):
-  return jax.tree_util.tree_map(
-      lambda x: x.value if isinstance(x, nn.meta.AxisMetadata) else x, tree,
-      is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
-
-
 def abstract_params(model, layout: TokenLayout):
   """Boxed `ShapeDtypeStruct` parameters of `model` (one trace, nothing allocated)."""
   shapes = {"encoder_input_tokens": (1, max(layout.inputs, 1)),
@@ -135,34 +127,31 @@ def abstract_params(model, layout: TokenLayout):
     return partitioned_step.abstract_variables(model, shapes)["params"]
 
 
-def _adapter_spec(model, module: str) -> Optional[AdapterSpec]:
-  return getattr(model, "adapter" if module == "adapter" else "specialist_adapter", None)
+def _adapter_spec(model, slot: str) -> Optional[AdapterSpec]:
+  return getattr(model.adapters, slot)
 
 
 def classify(model, params, trainable_mask) -> List[Leaf]:
-  """Every parameter of the (unboxed, abstract) `params` as a `Leaf`."""
+  """Every parameter of the (unboxed, abstract) `params` as a `Leaf`, one per layer.
+
+  Scanned stacks are counted layer by layer (`param_layout.per_layer`), so sites, widths
+  and totals are the same whether the model scans its layers or not.
+  """
   flat = traverse_util.flatten_dict(dict(params), keep_empty_nodes=False)
   flat_mask = traverse_util.flatten_dict(dict(trainable_mask), keep_empty_nodes=False)
   leaves = []
-  for key, value in flat.items():
-    path = "/".join(key)
-    stack = _first_match(STACK_RULES, path)
-    if stack is None:
-      raise ValueError(f"accounting: no stack for parameter {path!r}; extend STACK_RULES")
-    component, site, module = "backbone", None, None
-    for index, name in enumerate(key):
-      if name in ADAPTER_MODULES:
-        site, module = "/".join(key[:index]), name
-        following = key[index + 1] if index + 1 < len(key) else ""
-        if name == "specialist_adapter":
-          component = "specialist"
-        elif following in SMOLA_GROUPS:
-          component = following
-        else:
-          component = _adapter_spec(model, name).kind
-        break
-    leaves.append(Leaf(path, tuple(value.shape), value.dtype, stack, component,
-                       bool(flat_mask[key]), site, module))
+  for stacked_key, stacked_value in flat.items():
+    for key, value in param_layout.per_layer(stacked_key, stacked_value):
+      path = "/".join(key)
+      stack = _first_match(STACK_RULES, path)
+      if stack is None:
+        raise ValueError(f"accounting: no stack for parameter {path!r}; extend STACK_RULES")
+      position = param_layout.adapter_position(key, model.adapters)
+      component, site, module = param_layout.BACKBONE, None, None
+      if position is not None:
+        component, site, module = position.component, position.site, position.slot
+      leaves.append(Leaf(path, tuple(value.shape), value.dtype, stack, component,
+                         bool(flat_mask[stacked_key]), site, module))
   return leaves
 
 
@@ -238,7 +227,7 @@ def adapted_sites(model, leaves: Sequence[Leaf], layout: TokenLayout) -> List[Ad
       continue
     # Causal (decoder) sites route instance-level adapters on the encoder's mean output.
     d_context = model.config.text.emb_dim if site.causal else site.d_in
-    groups = tuple(g for g in SMOLA_GROUPS if g in site.params)
+    groups = tuple(g for g in param_layout.GROUPS if g in site.params)
     site.closed_form_params = adapter_accounting.adapter_param_count(
         spec, site.d_in, site.d_out, groups=groups, d_context=d_context)
     site.flops = _site_flops(spec, site, groups, layout.group_tokens(site.sequence),
@@ -358,8 +347,8 @@ def account_model(model, task_feature_lengths: Optional[Mapping[str, int]] = Non
   lengths = dict(task_feature_lengths or DEFAULT_TASK_FEATURE_LENGTHS)
   layout = TokenLayout.of(model, lengths)
   boxed = abstract_params(model, layout)
-  mask = _unbox(model.trainable_mask(boxed, trainable_mode, tuple(trainable_overrides)))
-  params = _unbox(boxed)
+  mask = param_layout.unbox(model.trainable_mask(boxed, trainable_mode, tuple(trainable_overrides)))
+  params = param_layout.unbox(boxed)
   leaves = classify(model, params, mask)
   groups = sorted({l.component for l in leaves} - {"backbone"}, key=_component_order)
   sites = adapted_sites(model, leaves, layout)
@@ -369,7 +358,8 @@ def account_model(model, task_feature_lengths: Optional[Mapping[str, int]] = Non
                 and sum(s.params.values()) != s.closed_form_params]
   vision, text = model.config.vision, model.config.text
   return {
-      "model": {"config": model.config_name, "adapter": _spec_dict(model.adapter),
+      "model": {"config": model.config_name,
+                "adapters": {slot: _spec_dict(spec) for slot, spec in model.adapters.items()},
                 "vision": dataclasses.asdict(vision) if vision is not None else None,
                 "text": dataclasses.asdict(text)},
       "trainable_mode": trainable_mode,
@@ -395,7 +385,7 @@ def account_model(model, task_feature_lengths: Optional[Mapping[str, int]] = Non
 
 
 def _component_order(name: str):
-  order = {g: i for i, g in enumerate(SMOLA_GROUPS)}
+  order = {g: i for i, g in enumerate(param_layout.GROUPS)}
   return (order.get(name, len(order)), name)
 
 

@@ -29,6 +29,7 @@ import jax
 
 from omni_smola import console
 from omni_smola import launching
+from omni_smola import param_layout
 from omni_smola.evaluation import tables
 from omni_smola.evaluation.evaluator import ModelEvaluator
 from omni_smola.training import checkpointing, data_iterator, partitioned_step, trainer
@@ -68,7 +69,7 @@ def evaluate(*, model, dataset_cfg: data_iterator.DatasetConfig, checkpoint_path
     fresh = partitioned_step.init_params(partitioner, model, jax.random.PRNGKey(0), shapes,
                                          params_sharding)
   target = fresh if fresh is not None else partitioned_step.with_sharding(
-      trainer.box_values(abstract["params"]), params_sharding)
+      param_layout.unbox(abstract["params"]), params_sharding)
   evaluator = ModelEvaluator(model, partitioner, params_sharding, dataset_cfg, output_dir,
                              num_examples=num_examples, decoder_params=decoder_params)
   results = {}

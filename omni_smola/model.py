@@ -2,11 +2,12 @@
 
 `PaliModel` wraps the flax module (a PaLI-like `models.pali.Pali`, or a text-only
 `models.t5.EncoderDecoder` when the config has no vision tower), its config, the
-adapter spec and the decoding / loss settings, all gin-configurable:
+adapter plan and the decoding / loss settings, all gin-configurable:
 
     MODEL = @omni_smola.model.PaliModel()
-    PaliModel.config = 'mini'
-    PaliModel.adapter = @AdapterSpec()
+    PaliModel.config = @PaliConfig()        # gin_configs/models/*.gin bind its fields
+    PaliModel.adapters = @AdapterPlan()     # gin_configs/adapters/*.gin
+    AdapterPlan.adapter = @AdapterSpec()
 
 Batch features: `image` float32 [b, H, W, 3] in [-1, 1] (PaLI only),
 `encoder_input_tokens` int32 [b, L_in], `decoder_input_tokens` and
@@ -26,12 +27,14 @@ from flax import traverse_util
 from omni_smola.models import configs, decoding
 from omni_smola.models.pali import Pali
 from omni_smola.models.t5 import EncoderDecoder, EncoderOutput
-from omni_smola.nn import AdaptedDense, AdapterSpec
+from omni_smola import param_layout
+from omni_smola.nn import SLOT_NAMES, AdaptedDense, AdapterPlan, AdapterSpec
 from omni_smola.nn.adapter_spec import check_sites_match
 
 DECODING_METHODS = ("greedy", "sample", "beam")
 TRAINABLE_MODES = ("adapters", "full")
-ADAPTER_MODULES = ("adapter", "specialist_adapter")
+# Bindings that only take effect when the config is built by gin (`@PaliConfig()`).
+_CONFIG_CLASSES = ("PaliConfig", "T5Config", "ViTConfig")
 _DECODER_PARAMS = ("decoding", "temperature", "top_k", "topk", "alpha", "use_cache",
                    "max_decode_length", "eos_id", "decode_rng")
 # Cross-attention keys/values are computed once per example and never reordered.
@@ -64,16 +67,20 @@ def cross_entropy_with_logits(logits, targets, label_smoothing: float = 0.0,
   return loss - entropy + z, z
 
 
-def _path_name(path) -> str:
-  names = []
-  for key in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(key, attr):
-        names.append(str(getattr(key, attr)))
-        break
-    else:
-      names.append(str(key))
-  return "/".join(names)
+def _refuse_ignored_config_bindings(name: str) -> None:
+  """A named config ignores gin's config bindings: say so rather than train without them."""
+  bound = [f"{cls}.{field}" for cls in _CONFIG_CLASSES
+           for field in gin.get_bindings(f"omni_smola.models.configs.{cls}")]
+  if bound:
+    raise ValueError(
+        f"PaliModel.config = {name!r} is a fixed named config, so the gin bindings "
+        f"{', '.join(sorted(bound))} would be ignored; include gin_configs/models/{name}.gin "
+        "(PaliModel.config = @PaliConfig()) instead of naming the config")
+
+
+def _config_name(config: configs.PaliConfig) -> Optional[str]:
+  """The name of the `CONFIGS` entry `config` equals, if any (for reports)."""
+  return next((name for name, named in configs.CONFIGS.items() if named == config), None)
 
 
 @gin.configurable
@@ -81,13 +88,12 @@ class PaliModel:
   """A PaLI-like (or text-only T5) encoder-decoder with adapters; t5x's model API.
 
   Args:
-    config: a name in `models.configs.CONFIGS` or a `PaliConfig`.
-    adapter: the adapter spec (None: no adapter, `AdapterSpec(kind='none')`).
-    specialist_adapter: a second adapter on every adapted projection, in
-      `.../specialist_adapter/` (the generalist -> specialist recipe: the
-      generalist's `adapter` is restored and frozen, this one trains).
-    config_overrides: dotted overrides, e.g. {'text.dropout_rate': 0.1}.
-    vocab_size: the text vocabulary size (overrides the config's).
+    config: a `PaliConfig` (gin: `@PaliConfig()`, fields bound by
+      gin_configs/models/*.gin) or, from Python, a name in `models.configs.CONFIGS`.
+    adapters: the `AdapterPlan`: the spec of each adapter slot (`adapter`; and
+      `specialist_adapter`, the generalist -> specialist recipe's per-task adapter
+      on top of the restored, frozen generalist). None: no adapter. From Python an
+      `AdapterSpec` is short for `AdapterPlan(adapter=spec)`.
     input_vocabulary, output_vocabulary: seqio vocabularies, kept for the
       evaluator; their size must fit the model's vocabulary.
     decoding: 'greedy', 'sample' (temperature / top-k) or 'beam'.
@@ -100,28 +106,26 @@ class PaliModel:
   """
 
   def __init__(self, config: Union[str, configs.PaliConfig] = "tiny",
-               adapter: Optional[AdapterSpec] = None, *,
-               specialist_adapter: Optional[AdapterSpec] = None,
-               config_overrides: Optional[Mapping[str, Any]] = None,
-               vocab_size: Optional[int] = None,
+               adapters: Optional[AdapterPlan] = None, *,
                input_vocabulary: Any = None, output_vocabulary: Any = None,
                decoding: str = "greedy", temperature: float = 1.0, top_k: int = 0,
                num_decodes: int = 1, length_penalty_alpha: float = 0.6,
                use_cache: bool = True, label_smoothing: float = 0.0, z_loss: float = 1e-4,
                loss_normalizing_factor: Union[str, float, None] = "num_tokens",
                eos_id: int = 1):
-    overrides = dict(config_overrides or {})
-    if vocab_size is not None:
-      overrides["text.vocab_size"] = vocab_size
     if isinstance(config, str):
+      _refuse_ignored_config_bindings(config)
       self.config_name = config
-      config = configs.get_config(config, **overrides)
+      config = configs.get_config(config)
     else:
-      self.config_name = None
-      config = configs.apply_overrides(config, overrides)
+      self.config_name = _config_name(config)
     self.config = config
-    self.adapter = adapter if adapter is not None else AdapterSpec()
-    self.specialist_adapter = specialist_adapter
+    if isinstance(adapters, AdapterSpec):
+      adapters = AdapterPlan(adapter=adapters)
+    if not isinstance(adapters, (AdapterPlan, type(None))):
+      raise TypeError(f"PaliModel.adapters must be an AdapterPlan (gin: @AdapterPlan()), "
+                      f"got {adapters!r}")
+    self.adapters = adapters if adapters is not None else AdapterPlan()
     for vocabulary in (input_vocabulary, output_vocabulary):
       size = getattr(vocabulary, "vocab_size", None)
       if size is not None and size > config.text.vocab_size:
@@ -142,11 +146,10 @@ class PaliModel:
     self.label_smoothing = label_smoothing
     self.z_loss = z_loss
     self.loss_normalizing_factor = loss_normalizing_factor
-    adapters = dict(adapter=self.adapter, specialist_adapter=specialist_adapter)
     if config.vision is not None:
-      self.module = Pali(config, **adapters)
+      self.module = Pali(config, adapters=self.adapters)
     else:
-      self.module = EncoderDecoder(config.text, **adapters)
+      self.module = EncoderDecoder(config.text, adapters=self.adapters)
 
   @property
   def has_vision(self) -> bool:
@@ -203,20 +206,19 @@ class PaliModel:
       size = self.config.vision.image_size
       image_shape = tuple(input_shapes.get("image", (encoder_shape[0], size, size, 3)))
       inputs["image"] = jnp.zeros(image_shape, input_types.get("image", jnp.float32))
-    adaptable = {"adapter": [], "specialist_adapter": []}
+    adaptable = {slot: [] for slot in SLOT_NAMES}
 
     def record_projection(next_fun, args, kwargs, context):
       module = context.module
       if context.method_name == "__call__" and isinstance(module, AdaptedDense):
-        for slot, paths in adaptable.items():
-          if getattr(module, slot) is not None:
-            paths.append(module.path_name)
+        for slot, _ in module.plan.items():
+          adaptable[slot].append(module.path_name)
       return next_fun(*args, **kwargs)
 
     with nn.intercept_methods(record_projection):
       variables = self.module.init({"params": rng}, **inputs, enable_dropout=False)
-    for slot, paths in adaptable.items():
-      check_sites_match(slot, getattr(self, slot), sorted(set(paths)))
+    for slot, spec in self.adapters.items():
+      check_sites_match(slot, spec, sorted(set(adaptable[slot])))
     return variables
 
   def loss_fn(self, params, batch, dropout_rng):
@@ -372,9 +374,10 @@ class PaliModel:
                      overrides: Sequence[Tuple[str, bool]] = ()):
     """A pytree of bools shaped like `params` (flax boxes count as leaves).
 
-    mode 'adapters': parameters under an `adapter` or `specialist_adapter`
-    module train, the backbone is frozen (the specialist recipe freezes the
-    generalist's `adapter` with an override); 'full': everything trains. `overrides` are (regex, trainable) pairs
+    mode 'adapters': parameters under an adapter slot's module (`adapter`,
+    `specialist_adapter`: `AdapterPlan`'s slots) train, the backbone is frozen
+    (the specialist recipe freezes the generalist's `adapter` with an override);
+    'full': everything trains. `overrides` are (regex, trainable) pairs
     searched in '/'-joined paths such as `text/encoder/layers_0/mlp/wi_0/kernel`;
     the first match wins over the mode.
     """
@@ -383,11 +386,10 @@ class PaliModel:
     rules = [(re.compile(pattern), bool(value)) for pattern, value in overrides]
 
     def trainable(path, _):
-      name = _path_name(path)
+      name = param_layout.path_name(path)
       for pattern, value in rules:
         if pattern.search(name):
           return value
-      return mode == "full" or any(f"/{module}/" in f"/{name}" for module in ADAPTER_MODULES)
+      return mode == "full" or param_layout.is_adapter_path(path)
 
-    return jax.tree_util.tree_map_with_path(
-        trainable, params, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+    return jax.tree_util.tree_map_with_path(trainable, params, is_leaf=param_layout.is_box)

@@ -27,6 +27,7 @@ import gin
 from omni_smola import accounting
 from omni_smola import console
 from omni_smola import launching
+from omni_smola import param_layout
 
 flags.DEFINE_string("output", None, "Write the accounting as JSON to this path.")
 
@@ -121,11 +122,11 @@ def _table(header, rows):
 def format_table(account: Mapping[str, Any]) -> str:
   """The account as the CLI prints it."""
   model, assumptions = account["model"], account["assumptions"]
-  spec = model["adapter"] or {"kind": "none"}
   params, flops, optimizer = account["parameters"], account["flops"], account["optimizer"]
   groups = list(params["by_group"])
   tokens = assumptions["tokens"]
-  lines = [f"model {model['config']}, adapter {_describe(spec)}, trainable mode "
+  adapters = ", ".join(f"{slot} {_describe(spec)}" for slot, spec in model["adapters"].items())
+  lines = [f"model {model['config'] or 'custom'}, {adapters or 'no adapter'}, trainable mode "
            f"{account['trainable_mode']}"]
   if assumptions["image_size"]:
     lines.append(f"tokens per example: vision {tokens['vision']} patches "
@@ -199,7 +200,7 @@ def projection_table(adapted: Mapping[str, Sequence[str]]) -> str:
 def _describe(spec: Mapping[str, Any]) -> str:
   kind = spec["kind"]
   if kind == "omni_smola":
-    experts = "/".join(str(spec["experts_per_group"][g]) for g in accounting.SMOLA_GROUPS)
+    experts = "/".join(str(spec["experts_per_group"][g]) for g in param_layout.GROUPS)
     return (f"omni_smola (rank {spec['rank']}, experts mm/vis/txt {experts}, "
             f"{spec['slots_per_expert']} slot(s)/expert, {spec['routing']} routing)")
   if kind == "smola":

@@ -3,13 +3,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from omni_smola.nn import AdaptedDense, AdapterSpec, TokenContext
+from omni_smola.nn import AdaptedDense, AdapterPlan, AdapterSpec, TokenContext
 
 D_IN, D_OUT, BATCH, LENGTH, NUM_VISUAL = 12, 10, 2, 9, 5
 
 
 def make_layer(spec: AdapterSpec, features=D_OUT):
-  return AdaptedDense(features=features, kernel_axes=("embed", "mlp"), adapter=spec)
+  return AdaptedDense(features=features, kernel_axes=("embed", "mlp"),
+                      adapters=AdapterPlan(adapter=spec))
 
 
 def tokens(seed=0, batch=BATCH, length=LENGTH, width=D_IN):

@@ -1,4 +1,6 @@
 """The adapters' definition (docs/DESIGN.md, "3. The math"), pinned on tiny layers."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -152,7 +154,8 @@ def test_bfloat16_activations_keep_router_in_float32_and_track_float32():
 def test_specialist_adapter_adds_its_own_residual_on_top_of_the_generalists():
   x, context = tokens(), encoder_context()
   generalist = make_layer(ALL_SPECS["omni_sequence"])
-  specialist = generalist.clone(specialist_adapter=AdapterSpec(kind="lora", rank=2))
+  specialist = generalist.clone(adapters=dataclasses.replace(
+      generalist.adapters, specialist_adapter=AdapterSpec(kind="lora", rank=2)))
   variables = perturb_adapter(init(specialist, x, context))
   assert {"adapter", "specialist_adapter"} <= set(variables["params"])
   only_generalist = {"params": {k: v for k, v in variables["params"].items()

@@ -7,7 +7,7 @@ import pytest
 
 from adapter_fixtures import (ALL_SPECS, BATCH, D_IN, D_OUT, LENGTH, encoder_context,
                               init, make_layer, perturb_adapter, tokens)
-from omni_smola.nn import AdaptedDense, AdapterSpec, TokenContext
+from omni_smola.nn import AdaptedDense, AdapterPlan, AdapterSpec, TokenContext
 from omni_smola.nn.accounting import adapter_param_count
 
 CAUSAL_SPECS = ["smola_sequence", "smola_token", "omni_sequence", "omni_token", "mixlora",
@@ -142,7 +142,8 @@ class _TwoProjections(nn.Module):
 
       @nn.compact
       def __call__(self, x, context, name):
-        return AdaptedDense(D_OUT, kernel_axes=("embed", "mlp"), adapter=self.spec,
+        return AdaptedDense(D_OUT, kernel_axes=("embed", "mlp"),
+                            adapters=AdapterPlan(adapter=self.spec),
                             name=name)(x, context)
 
     return (Block(self.spec, name="mlp")(x, context, "wi_0"),

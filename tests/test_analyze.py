@@ -8,6 +8,7 @@ import pytest
 
 from omni_smola import analyze
 from omni_smola.analysis import collect
+from omni_smola.nn import AdapterPlan, AdapterSpec
 from omni_smola.training import checkpointing, data_iterator
 
 from model_fixtures import make_batch, random_params
@@ -113,7 +114,7 @@ def test_layers_pool_their_sites_and_tasks_pool_into_all(analysed):
 
 def test_statistics_are_grouped_by_smola_group_or_adapter_kind():
   site = ("text", "decoder", "layers_0", "mlp", "wo")
-  kinds = {"adapter": "mole", "specialist_adapter": "lora"}
+  kinds = AdapterPlan(adapter=AdapterSpec(kind="mole"), specialist_adapter=AdapterSpec(kind="lora"))
   assert collect.group_of(site + ("adapter", "vis"), kinds) == ("text/decoder/layers_0/mlp/wo",
                                                                 "vis")
   assert collect.group_of(site + ("adapter",), kinds) == ("text/decoder/layers_0/mlp/wo",

@@ -12,7 +12,7 @@ from omni_smola.checkpoints import (CheckpointMismatchError, detect_format,  # n
 from omni_smola.checkpoints.hf_safetensors import t5_config_from_hf  # noqa: E402
 from omni_smola.models.configs import T5Config  # noqa: E402
 from omni_smola.models.t5 import EncoderDecoder  # noqa: E402
-from omni_smola.nn import AdapterSpec  # noqa: E402
+from omni_smola.nn import AdapterPlan, AdapterSpec  # noqa: E402
 
 HF_CONFIG = dict(d_model=32, d_kv=8, num_heads=4, d_ff=64, num_layers=2, num_decoder_layers=2,
                  vocab_size=64, feed_forward_proj="gated-gelu")
@@ -40,7 +40,7 @@ def untied(tmp_path_factory):
 
 
 def _ours(config, adapter=None):
-  model = EncoderDecoder(config, adapter=adapter)
+  model = EncoderDecoder(config, adapters=AdapterPlan(adapter=adapter))
   variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), ENCODER_TOKENS, DECODER_TOKENS)
   return model, variables
 

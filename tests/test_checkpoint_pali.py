@@ -52,7 +52,7 @@ def _filled(abstract):
 
 
 def _image_tower(model, variables):
-  return model.apply(variables, IMAGES, method=lambda m, x: m.img(x)[0])
+  return model.apply(variables, IMAGES, method=lambda m, x: m.img(x))
 
 
 def test_both_towers_from_hf_checkpoints_match_torch(hf_towers):

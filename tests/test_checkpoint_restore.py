@@ -8,7 +8,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from omni_smola.checkpoints import CheckpointMismatchError, flatten, load_pretrained
-from omni_smola.nn import AdaptedDense, AdapterSpec
+from omni_smola.nn import AdaptedDense, AdapterPlan, AdapterSpec
 
 LORA = AdapterSpec(kind="lora", rank=2)
 
@@ -21,7 +21,8 @@ class _Tower(nn.Module):
   def __call__(self, x):
     if self.with_posemb:
       x = x + self.param("pos_embedding", nn.initializers.normal(0.02), (1, 4, 4))
-    x = AdaptedDense(6, kernel_axes=("embed", "mlp"), adapter=LORA, name="wi")(x)
+    x = AdaptedDense(6, kernel_axes=("embed", "mlp"), adapters=AdapterPlan(adapter=LORA),
+                     name="wi")(x)
     scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("mlp",)),
                        (6,))
     return x * scale

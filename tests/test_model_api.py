@@ -1,4 +1,5 @@
 """The t5x-shaped model API the trainer and the evaluator use."""
+import dataclasses
 import os
 
 import flax.linen as nn
@@ -9,8 +10,9 @@ import pytest
 
 from model_fixtures import make_batch, param_shapes, path_names, random_params, tiny_model
 from omni_smola import partitioning
+from omni_smola.models import configs
 from omni_smola.model import PaliModel, cross_entropy_with_logits
-from omni_smola.nn import AdapterSpec
+from omni_smola.nn import AdapterPlan, AdapterSpec
 
 GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                        "gin_configs", "models")
@@ -99,8 +101,9 @@ def test_trainable_mask_freezes_the_backbone_unless_told_otherwise(setup):
 
 def test_a_specialist_adapter_stacks_on_the_generalist_one(setup):
   _, batch, _ = setup
-  model = PaliModel("tiny", AdapterSpec(kind="omni_smola", rank=2),
-                    specialist_adapter=AdapterSpec(kind="lora", rank=2, sites=("mlp/",)))
+  model = PaliModel("tiny", AdapterPlan(
+      adapter=AdapterSpec(kind="omni_smola", rank=2),
+      specialist_adapter=AdapterSpec(kind="lora", rank=2, sites=("mlp/",))))
   names = path_names(param_shapes(model, batch))
   generalist = {n.split("/adapter/")[0] for n in names if "/adapter/" in n}
   specialist = {n.split("/specialist_adapter/")[0] for n in names
@@ -140,17 +143,19 @@ def test_sampled_decodes_are_sorted_and_prompts_force_the_targets(setup):
     model.predict_batch_with_aux(params, batch, decoder_params={"beams": 3})
 
 
-@pytest.mark.parametrize("name", ["tiny", "mini", "t5_1_1_small", "t5_1_1_base",
-                                  "t5_1_1_large", "t5_1_1_xl", "ul2_3b", "pali3"])
-def test_model_gin_files_bind_MODEL(name):  # pylint: disable=invalid-name
-  gin.clear_config()
-  try:
-    gin.parse_config_file(os.path.join(GIN_DIR, f"{name}.gin"))
-    model = gin.query_parameter("%MODEL").scoped_configurable_fn()
-  finally:
+def test_model_gin_files_bind_MODEL_with_the_named_configs_dimensions():  # noqa: N802
+  names = sorted(f[:-len(".gin")] for f in os.listdir(GIN_DIR) if f.endswith(".gin"))
+  assert names == sorted(configs.CONFIGS)
+  for name in names:
     gin.clear_config()
-  assert isinstance(model, PaliModel) and model.config_name == name
-  assert model.has_vision == (name in ("tiny", "mini", "pali3"))
+    try:
+      gin.parse_config_file(os.path.join(GIN_DIR, f"{name}.gin"))
+      model = gin.query_parameter("%MODEL").scoped_configurable_fn()
+    finally:
+      gin.clear_config()
+    assert isinstance(model, PaliModel) and model.config == configs.CONFIGS[name], name
+    assert model.config_name == name
+    assert model.has_vision == (name in ("tiny", "mini", "pali3"))
 
 
 def test_bad_settings_fail_early_naming_the_field():
@@ -158,11 +163,13 @@ def test_bad_settings_fail_early_naming_the_field():
     vocab_size = 600
   with pytest.raises(ValueError, match="vocab_size=512"):
     PaliModel("tiny", output_vocabulary=Vocabulary())
-  assert PaliModel("tiny", vocab_size=600, output_vocabulary=Vocabulary()).vocab_size == 600
+  tiny = configs.CONFIGS["tiny"]
+  wider = dataclasses.replace(tiny, text=dataclasses.replace(tiny.text, vocab_size=600))
+  assert PaliModel(wider, output_vocabulary=Vocabulary()).vocab_size == 600
   with pytest.raises(ValueError, match="decoding"):
     PaliModel("tiny", decoding="nucleus")
   with pytest.raises(KeyError, match="unknown model config"):
     PaliModel("huge")
-  with pytest.raises(KeyError, match="no fields"):
-    PaliModel("tiny", config_overrides={"text.width": 3})
-  assert PaliModel("tiny", AdapterSpec(kind="lora")).adapter.kind == "lora"
+  with pytest.raises(TypeError, match="PaliModel.adapters must be an AdapterPlan"):
+    PaliModel("tiny", "lora")
+  assert PaliModel("tiny", AdapterSpec(kind="lora")).adapters.adapter.kind == "lora"

@@ -1,4 +1,6 @@
 """The T5.1.1 / UL2 encoder-decoder alone: relative positions, sizes, options."""
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -98,8 +100,7 @@ def test_text_model_runs_alone_and_encodes_alone():
 
 
 def test_tied_logits_are_the_embedding_transposed_over_sqrt_width():
-  tied = configs.apply_overrides(configs.get_config("tiny"),
-                                 {"text.logits_via_embedding": True}).text
+  tied = dataclasses.replace(TEXT, logits_via_embedding=True)
   params = text_params()
   tied_params = {k: v for k, v in params.items()}
   tied_params["decoder"] = {k: v for k, v in params["decoder"].items() if k != "logits_dense"}
@@ -113,8 +114,7 @@ def test_tied_logits_are_the_embedding_transposed_over_sqrt_width():
 
 
 def test_bfloat16_activations_keep_float32_params_and_logits():
-  bf16 = EncoderDecoder(configs.apply_overrides(configs.get_config("tiny"),
-                                                {"text.dtype": "bfloat16"}).text)
+  bf16 = EncoderDecoder(dataclasses.replace(TEXT, dtype="bfloat16"))
   shapes = jax.eval_shape(lambda: bf16.init(jax.random.PRNGKey(0), ENCODER_TOKENS,
                                             DECODER_TOKENS))
   assert {x.dtype for x in jax.tree_util.tree_leaves(nn.unbox(shapes))} == {np.dtype("float32")}
@@ -128,8 +128,7 @@ def test_bfloat16_activations_keep_float32_params_and_logits():
 
 def test_remat_checkpoints_each_layer_and_keeps_the_function():
   params = text_params()
-  remat = EncoderDecoder(configs.apply_overrides(configs.get_config("tiny"),
-                                                 {"text.remat": True}).text)
+  remat = EncoderDecoder(dataclasses.replace(TEXT, remat=True))
 
   def loss(module, p):
     return jnp.mean(module.apply({"params": p}, ENCODER_TOKENS, DECODER_TOKENS) ** 2)
@@ -146,8 +145,7 @@ def test_remat_checkpoints_each_layer_and_keeps_the_function():
 
 def test_dropout_is_random_per_rng_and_off_by_default():
   params = text_params()
-  dropout = EncoderDecoder(configs.apply_overrides(configs.get_config("tiny"),
-                                                   {"text.dropout_rate": 0.3}).text)
+  dropout = EncoderDecoder(dataclasses.replace(TEXT, dropout_rate=0.3))
 
   def logits(**kw):
     return np.asarray(dropout.apply({"params": params}, ENCODER_TOKENS, DECODER_TOKENS, **kw))
@@ -165,8 +163,7 @@ def test_dropout_is_random_per_rng_and_off_by_default():
 @pytest.mark.parametrize("tied", [False, True])
 def test_bfloat16_activations_still_project_to_the_vocabulary_in_float32(tied):
   # A bf16 product would round the logits to 8 bits of mantissa (errors of ~1e-2 here).
-  config = configs.apply_overrides(configs.get_config("tiny"), {
-      "text.dtype": "bfloat16", "text.logits_via_embedding": tied}).text
+  config = dataclasses.replace(TEXT, dtype="bfloat16", logits_via_embedding=tied)
   model = EncoderDecoder(config)
   params = nn.unbox(model.init(jax.random.PRNGKey(0), ENCODER_TOKENS,
                                DECODER_TOKENS))["params"]

@@ -227,7 +227,7 @@ def test_run_macros_are_read_from_gin(clean_gin):
   params.parse_config(["models/tiny.gin", "adapters/lora.gin"],
                       ["TASK_FEATURE_LENGTHS = {'inputs': 7, 'targets': 5}"])
   model, lengths, mode = params.run_macros()
-  assert (model.config_name, model.adapter.kind) == ("tiny", "lora")
+  assert (model.config_name, model.adapters.adapter.kind) == ("tiny", "lora")
   assert lengths == LENGTHS and mode == "adapters"
 
 

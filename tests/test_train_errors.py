@@ -15,7 +15,7 @@ import gin  # noqa: E402
 import jax  # noqa: E402
 import orbax.checkpoint as ocp  # noqa: E402
 
-from omni_smola import launching  # noqa: E402
+from omni_smola import launching, param_layout  # noqa: E402
 from omni_smola.checkpoints.restore import CheckpointMismatchError  # noqa: E402
 from omni_smola.training import data_iterator, partitioned_step, trainer  # noqa: E402
 
@@ -82,7 +82,7 @@ def test_a_checkpoint_that_does_not_fit_names_the_parameter_and_both_shapes(
       model, {"encoder_input_tokens": (1, 4), "decoder_input_tokens": (1, 4),
               "image": (1, 16, 16, 3)})
   backbone = jax.tree_util.tree_map(lambda x: np.zeros(x.shape, x.dtype),
-                                    trainer.box_values(abstract["params"]))
+                                    param_layout.unbox(abstract["params"]))
   backbone["text"]["token_embedder"]["embedding"] = np.zeros((512, 32), np.float32)
   checkpoint = tmp_path / "backbone"
   with ocp.StandardCheckpointer() as checkpointer:
@@ -108,7 +108,7 @@ def test_a_specialist_from_a_backbone_only_checkpoint_is_refused_naming_what_is_
       model, {"encoder_input_tokens": (1, 4), "decoder_input_tokens": (1, 4),
               "image": (1, 16, 16, 3)})
   backbone = jax.tree_util.tree_map(lambda x: np.zeros(x.shape, x.dtype),
-                                    trainer.box_values(abstract["params"]))
+                                    param_layout.unbox(abstract["params"]))
   checkpoint = tmp_path / "backbone"
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(checkpoint, {"params": _without_adapters(backbone)})

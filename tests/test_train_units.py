@@ -191,7 +191,8 @@ def test_switching_the_adapter_family_is_one_include(adapter):
     launching.parse_gin(["models/tiny.gin", f"adapters/{adapter}.gin", "runs/generalist.gin"],
                         ["MODEL_DIR = '/tmp/x'", "MIXTURE_OR_TASK_NAME = 'mini_generalist'",
                          "TRAIN_STEPS = 1"])
-    spec = gin.query_parameter("omni_smola.model.PaliModel.adapter").scoped_configurable_fn()
+    plan = gin.query_parameter("omni_smola.model.PaliModel.adapters").scoped_configurable_fn()
+    spec = plan.adapter
     assert spec.kind == ("smola" if adapter == "smola_mm" else adapter)
     assert gin.query_parameter("TRAINABLE_MODE/macro.value") == (
         "full" if adapter == "full" else "adapters")

@@ -18,11 +18,11 @@ import numpy as np
 import seqio
 from flax import traverse_util
 
+from omni_smola import param_layout
+from omni_smola.nn import AdapterPlan
 from omni_smola.training import data_iterator
 
 STATS = ("expert_load", "token_count", "routing_entropy", "max_weight")
-SMOLA_GROUPS = ("mm", "vis", "txt")
-ADAPTER_MODULES = ("adapter", "specialist_adapter")
 ROW_VALID = "analysis_row_valid"  # marks the rows that pad a task's last batch
 SEPARATOR = "|"
 
@@ -36,33 +36,24 @@ def split_key(key: str) -> Tuple[str, str, str]:
   return site, group, stat
 
 
-def group_of(key: Sequence[str], adapter_kinds: Dict[str, str]) -> Tuple[str, str]:
+def group_of(key: Sequence[str], plan: AdapterPlan) -> Tuple[str, str]:
   """(site, group) of a sown statistic's path, e.g. (.., 'adapter', 'mm', 'expert_load')."""
-  for index, name in enumerate(key):
-    if name in ADAPTER_MODULES:
-      following = key[index + 1] if index + 1 < len(key) else ""
-      if name == "specialist_adapter":
-        group = "specialist"
-      elif following in SMOLA_GROUPS:
-        group = following
-      else:
-        group = adapter_kinds.get(name, name)
-      return "/".join(key[:index]), group
-  raise ValueError(f"routing statistic outside an adapter: {'/'.join(key)}")
+  position = param_layout.adapter_position(key, plan)
+  if position is None:
+    raise ValueError(f"routing statistic outside an adapter: {'/'.join(key)}")
+  return position.site, position.component
 
 
 def routing_statistics(model, params, batch) -> Dict[str, jnp.ndarray]:
   """Per-example routing statistics of one batch, plus `task_id` and the row mask."""
   _, intermediates = model.score_batch(params, batch, return_intermediates=True)
-  kinds = {"adapter": model.adapter.kind}
-  specialist = getattr(model, "specialist_adapter", None)
-  if specialist is not None:
-    kinds["specialist_adapter"] = specialist.kind
   out = {}
-  for key, value in traverse_util.flatten_dict(intermediates).items():
+  flat = traverse_util.flatten_dict(intermediates)
+  # A scanned stack sowed each statistic with a leading layer axis: one entry per layer.
+  for key, value in (entry for item in flat.items() for entry in param_layout.per_layer(*item)):
     if key[-1] not in STATS:
       continue
-    site, group = group_of(key[:-1], kinds)
+    site, group = group_of(key[:-1], model.adapters)
     values = value if isinstance(value, tuple) else (value,)
     # A module applied several times sowed several entries: they add up (max for max).
     combined = values[0]

@@ -14,11 +14,11 @@ import os
 from typing import Any, Dict, Optional
 
 from absl import logging
-import flax.linen as nn
 import gin
 import jax
 import numpy as np
 
+from omni_smola import param_layout
 from omni_smola.analysis import aggregate, collect, figures
 from omni_smola.training import checkpointing, data_iterator, partitioned_step, trainer
 
@@ -38,15 +38,9 @@ def restore(model, checkpoint_path: str, dataset_cfg, partitioner):
   abstract = partitioned_step.abstract_variables(model,
                                                  trainer.input_shapes(model, dataset_cfg))
   sharding = partitioner.variables_sharding(abstract)["params"]
-  target = partitioned_step.with_sharding(_unbox(abstract["params"]), sharding)
+  target = partitioned_step.with_sharding(param_layout.unbox(abstract["params"]), sharding)
   params = checkpointing.restore_params(checkpoint_path, target, require_adapters=True)
   return params, sharding
-
-
-def _unbox(tree):
-  return jax.tree_util.tree_map(
-      lambda x: x.value if isinstance(x, nn.meta.AxisMetadata) else x, tree,
-      is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
 
 
 def _host(value) -> np.ndarray:
@@ -71,7 +65,7 @@ def analyze(*, model, checkpoint_path: str, dataset_cfg: data_iterator.DatasetCo
     output_dir: default MODEL_DIR/analysis/<step>.
     top_k: how many top experts the summary names per task.
   """
-  kind = getattr(model.adapter, "kind", None)
+  kind = getattr(model.adapters.adapter, "kind", None)
   if kind not in ROUTED_KINDS:
     raise ValueError(f"adapter kind {kind!r} has no router to analyse (routed kinds: "
                      f"{ROUTED_KINDS}); pass the adapter config the checkpoint was trained "
@@ -101,7 +95,7 @@ def analyze(*, model, checkpoint_path: str, dataset_cfg: data_iterator.DatasetCo
     if not count:
       logging.warning("task %s has no %s examples: skipped", task, dataset_cfg.split)
   summary = accumulator.summarize(top_k)
-  summary.update(checkpoint=step_dir, step=step, adapter=model.adapter.kind,
+  summary.update(checkpoint=step_dir, step=step, adapter=kind,
                  mixture_or_task_name=dataset_cfg.mixture_or_task_name,
                  split=dataset_cfg.split, batches_per_task=num_batches,
                  task_feature_lengths=dict(dataset_cfg.task_feature_lengths))

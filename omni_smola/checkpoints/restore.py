@@ -23,12 +23,12 @@ import os
 import re
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
+from omni_smola import param_layout
 from omni_smola.checkpoints import hf_safetensors, orbax_format
 from omni_smola.checkpoints.big_vision_npz import read_big_vision_npz
 from omni_smola.checkpoints.t5x_legacy import read_t5x_legacy
@@ -93,17 +93,9 @@ def read_checkpoint(path: PathLike, format: str = "auto", **options) -> Flat:
   return readers[format](path, **options)
 
 
-def _is_box(x) -> bool:
-  return isinstance(x, nn.meta.AxisMetadata)
-
-
 def _value(leaf):
   # `.value`, not `.unbox()`: unboxing may add a sharding constraint, which needs a mesh.
-  return leaf.value if _is_box(leaf) else leaf
-
-
-def _is_adapter(path: str) -> bool:
-  return "adapter" in path.split("/")
+  return leaf.value if param_layout.is_box(leaf) else leaf
 
 
 def _is_abstract(x) -> bool:
@@ -168,14 +160,19 @@ def merge_into(target: Mapping[str, Any], loaded: Flat, scope: Sequence[str] = (
   `scope`: '/'-prefixes of the parameters `loaded` is responsible for ('' = all).
   """
   is_variables = isinstance(target.get("params"), Mapping)
-  model = flatten(target["params"] if is_variables else target, is_leaf=_is_box)
+  model = flatten(target["params"] if is_variables else target, is_leaf=param_layout.is_box)
+  try:  # per-layer checkpoints load into scanned stacks and back (models.layer_stack)
+    loaded = param_layout.match_layer_layout(
+        loaded, {name: tuple(_value(leaf).shape) for name, leaf in model.items()})
+  except param_layout.LayerLayoutError as e:
+    raise CheckpointMismatchError(f"{source} does not fit the model: {e}") from None
   merged = dict(model)
   missing, mismatched, kept, frozen_missing = [], [], [], []
   for name in sorted(model):
     leaf = model[name]
     like = _value(leaf)
     if name not in loaded:
-      optional = _is_adapter(name) or any(re.search(p, name) for p in allow_missing)
+      optional = param_layout.is_adapter_path(name) or any(re.search(p, name) for p in allow_missing)
       if _in_scope(name, scope) and not optional:
         missing.append(f"{name} (model shape {tuple(like.shape)}) is not in the checkpoint")
       elif _in_scope(name, scope) and frozen is not None and frozen(name):
@@ -189,7 +186,7 @@ def merge_into(target: Mapping[str, Any], loaded: Flat, scope: Sequence[str] = (
                         f"vs model {tuple(like.shape)}")
       continue
     value = _place(array, like)
-    merged[name] = leaf.replace_boxed(value) if _is_box(leaf) else value
+    merged[name] = leaf.replace_boxed(value) if param_layout.is_box(leaf) else value
 
   if frozen_missing:
     # A fresh parameter that never trains is a silent no-op: an adapter whose B stays 0.
@@ -220,7 +217,8 @@ def merge_into(target: Mapping[str, Any], loaded: Flat, scope: Sequence[str] = (
       raise ValueError(f"the model is abstract and no checkpoint gives {kept[:5]}"
                        f"{' ...' if len(kept) > 5 else ''}: pass init_fn to initialise them")
     initial = init_fn()
-    initial = flatten(initial["params"] if "params" in initial else initial, is_leaf=_is_box)
+    initial = flatten(initial["params"] if "params" in initial else initial,
+                      is_leaf=param_layout.is_box)
     for name in kept:
       if name not in initial:
         raise ValueError(f"init_fn gave no value for {name}")

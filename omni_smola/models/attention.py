@@ -16,14 +16,14 @@ Cached decoding (`decode=True`), flax `cache` collection:
 The first call in decode mode (the cache does not exist yet) only creates the
 cache and computes as without it.
 """
-from typing import Any, Optional
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from omni_smola.models.layers import BiasedAdaptedDense
-from omni_smola.nn import AdaptedDense, AdapterSpec, TokenContext
+from omni_smola.nn import AdaptedDense, TokenContext
 
 # Masked logits: exp() of this underflows to exactly 0 in float32 (no NaN from -inf).
 MASKED_LOGIT = -1e10
@@ -54,8 +54,6 @@ class MultiHeadAttention(nn.Module):
   """
   num_heads: int
   head_dim: int
-  adapter: Optional[AdapterSpec] = None
-  specialist_adapter: Optional[AdapterSpec] = None
   init_style: str = "t5"
   dropout_rate: float = 0.0
   deterministic: bool = True
@@ -65,8 +63,8 @@ class MultiHeadAttention(nn.Module):
 
   def _projection(self, name, features, axis, kernel_axes, init):
     cls = AdaptedDense if self.init_style == "t5" else BiasedAdaptedDense
-    return cls(features=features, axis=axis, kernel_axes=kernel_axes, adapter=self.adapter,
-               specialist_adapter=self.specialist_adapter, dtype=self.dtype, kernel_init=init, name=name)
+    return cls(features=features, axis=axis, kernel_axes=kernel_axes, dtype=self.dtype,
+               kernel_init=init, name=name)
 
   @nn.compact
   def __call__(self, inputs_q, inputs_kv, context_q: TokenContext,

@@ -1,9 +1,17 @@
 """Named model sizes: a vision tower (ViT) and a text encoder-decoder (T5.1.1 / UL2).
 
 Configs are frozen dataclasses so they hash (the flax modules hold them as
-static fields) and gin selects them by name (`PaliModel.config = 'mini'`).
-`get_config(name, **overrides)` applies dotted overrides such as
-`text.dropout_rate=0.1`, `vision.image_size=64`, or `vision=None` (text only).
+static fields). gin binds their fields, as t5x's model gin files do:
+`gin_configs/models/*.gin` list each named size's dimensions,
+
+    PaliModel.config = @PaliConfig()
+    PaliConfig.text = @T5Config()
+    T5Config.emb_dim = 2048
+    ...
+
+and an experiment changes one field (`T5Config.dtype = 'bfloat16'`); gin itself
+refuses a field the config does not have. From Python the same sizes are
+`CONFIGS[name]` (`PaliModel('mini')`); a test keeps the two equal.
 
 Published shapes: T5.1.1 (Raffel et al. 2020, "t5.1.1" gin configs: gated-GELU,
 untied logits), UL2 (Tay et al. 2022; 3B at T5.1.1-XL's shape, as PaLI-3 uses
@@ -11,14 +19,18 @@ it), SigLIP-G/14 (Zhai et al. 2023; ViT-G/14 of Zhai et al. 2022), PaLI-3 (Chen
 et al. 2023: SigLIP-G/14 + UL2-3B, the multilingual mT5 vocabulary).
 """
 import dataclasses
-from typing import Any, Dict, Optional
+from typing import Dict, Optional
 
+import gin
 import jax.numpy as jnp
+
+from omni_smola.models import layer_stack
 
 T5_VOCAB_SIZE = 32128  # 32,000 SentencePiece pieces + 100 extra ids, padded to 128
 MT5_VOCAB_SIZE = 250112
 
 
+@gin.configurable
 @dataclasses.dataclass(frozen=True)
 class ViTConfig:
   """A SigLIP-style ViT image encoder (no pooling head).
@@ -28,6 +40,11 @@ class ViTConfig:
       grid is `image_size // patch_size` squared. Other input sizes resample it.
     adapt: route the projections through the adapter hook (off: the vision
       tower stays a plain frozen ViT, as in Omni-SMoLA).
+    remat, remat_policy: rematerialise each block in the backward pass, keeping
+      what the `jax.checkpoint_policies` policy of that name saves.
+    scan_layers: one `nn.scan` over the blocks (`Transformer/encoderblock/...` with
+      a leading layer axis, as big_vision's scanned ViTs) instead of
+      `encoderblock_{i}`; see `models.layer_stack`.
   """
   width: int
   depth: int
@@ -39,6 +56,11 @@ class ViTConfig:
   adapt: bool = False
   dtype: str = "float32"
   remat: bool = False
+  remat_policy: str = "nothing_saveable"
+  scan_layers: bool = False
+
+  def __post_init__(self):
+    layer_stack.check_remat_policy("ViTConfig", self.remat_policy)
 
   @property
   def grid_size(self) -> int:
@@ -53,6 +75,7 @@ class ViTConfig:
     return jnp.dtype(self.dtype)
 
 
+@gin.configurable
 @dataclasses.dataclass(frozen=True)
 class T5Config:
   """A T5.1.1 / UL2 encoder-decoder.
@@ -63,7 +86,11 @@ class T5Config:
     mlp_activation: the gate's activation in the gated MLP: `gelu` (tanh
       approximation; T5.1.1's `gated-gelu`) or `silu` (UL2's `gated-silu`).
     dtype: activation dtype (`float32` or `bfloat16`); parameters stay float32.
-    remat: rematerialise each layer in the backward pass (`nn.remat`).
+    remat, remat_policy: rematerialise each layer in the backward pass (`nn.remat`),
+      keeping what the `jax.checkpoint_policies` policy of that name saves.
+    scan_layers: each stack as one `nn.scan` (`encoder/layers/...` with a leading
+      layer axis) instead of `layers_{i}`: one layer to trace and compile instead of
+      all of them; see `models.layer_stack`.
   """
   emb_dim: int
   num_heads: int
@@ -80,12 +107,18 @@ class T5Config:
   mlp_activation: str = "gelu"
   dtype: str = "float32"
   remat: bool = False
+  remat_policy: str = "nothing_saveable"
+  scan_layers: bool = False
+
+  def __post_init__(self):
+    layer_stack.check_remat_policy("T5Config", self.remat_policy)
 
   @property
   def activation_dtype(self):
     return jnp.dtype(self.dtype)
 
 
+@gin.configurable
 @dataclasses.dataclass(frozen=True)
 class PaliConfig:
   """A PaLI-like model; `vision=None` is a text-only encoder-decoder."""
@@ -93,13 +126,15 @@ class PaliConfig:
   vision: Optional[ViTConfig] = None
 
 
+# The published sizes scan their layers (compile time; models.layer_stack); the unit-test
+# and demo sizes stay unrolled, so per-layer checkpoints and routing stay the simple case.
 def _t5(emb, heads, mlp, layers, head_dim=64, **kw) -> T5Config:
   return T5Config(emb_dim=emb, num_heads=heads, head_dim=head_dim, mlp_dim=mlp,
-                  num_encoder_layers=layers, num_decoder_layers=layers, **kw)
+                  num_encoder_layers=layers, num_decoder_layers=layers, scan_layers=True, **kw)
 
 
 _SIGLIP_G14 = ViTConfig(width=1664, depth=48, mlp_dim=8192, num_heads=16, patch_size=14,
-                        image_size=224)
+                        image_size=224, scan_layers=True)
 
 CONFIGS: Dict[str, PaliConfig] = {
     # Unit tests: every dimension distinct where it can be, so a transposed axis fails.
@@ -127,40 +162,8 @@ CONFIGS: Dict[str, PaliConfig] = {
 }
 
 
-def get_config(name: str, **overrides: Any) -> PaliConfig:
-  """The named config with dotted overrides applied (`text.dtype='bfloat16'`)."""
+def get_config(name: str) -> PaliConfig:
+  """The named config; change a field with `dataclasses.replace` (gin: bind the field)."""
   if name not in CONFIGS:
     raise KeyError(f"unknown model config {name!r}; known: {sorted(CONFIGS)}")
-  return apply_overrides(CONFIGS[name], overrides)
-
-
-def apply_overrides(config: PaliConfig, overrides: Dict[str, Any]) -> PaliConfig:
-  text_fields: Dict[str, Any] = {}
-  vision_fields: Dict[str, Any] = {}
-  drop_vision = False
-  for key, value in overrides.items():
-    tower, _, field = key.replace("__", ".").partition(".")
-    if tower == "vision" and not field:
-      if value is not None:
-        raise ValueError("only `vision=None` (drop the image tower) is supported")
-      drop_vision = True
-    elif tower in ("text", "vision") and field:
-      (text_fields if tower == "text" else vision_fields)[field] = value
-    else:
-      raise KeyError(f"override {key!r}: use 'text.<field>', 'vision.<field>' or 'vision'")
-  vision = config.vision
-  if vision_fields:
-    if vision is None:
-      raise ValueError(f"overrides {sorted(vision_fields)} for a config without vision")
-    vision = _replace(vision, vision_fields)
-  return PaliConfig(text=_replace(config.text, text_fields),
-                    vision=None if drop_vision else vision)
-
-
-def _replace(config, fields):
-  known = {f.name for f in dataclasses.fields(config)}
-  unknown = set(fields) - known
-  if unknown:
-    raise KeyError(f"{type(config).__name__} has no fields {sorted(unknown)}; "
-                   f"known: {sorted(known)}")
-  return dataclasses.replace(config, **fields)
+  return CONFIGS[name]

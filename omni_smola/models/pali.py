@@ -21,30 +21,29 @@ from omni_smola.models.configs import PaliConfig
 from omni_smola.models.layers import BiasedAdaptedDense
 from omni_smola.models.t5 import EncoderDecoder, EncoderOutput
 from omni_smola.models.vit import ViT
-from omni_smola.nn import AdapterSpec
+from omni_smola.nn import NO_ADAPTERS, AdapterPlan
 
 
 class Pali(nn.Module):
+  """The PaLI model; `adapters` is the plan every projection reads (`AdaptedDense.plan`)."""
   config: PaliConfig
-  adapter: Optional[AdapterSpec] = None
-  specialist_adapter: Optional[AdapterSpec] = None
+  adapters: Optional[AdapterPlan] = None
 
   def setup(self):
     if self.config.vision is None:
       raise ValueError("Pali needs a vision config; use t5.EncoderDecoder for text only")
-    adapters = dict(adapter=self.adapter, specialist_adapter=self.specialist_adapter)
-    self.img = ViT(self.config.vision, **adapters)
+    self.img = ViT(self.config.vision)
     # The two widths are both `embed`; the input side stays unsharded so an
     # `embed` rule never names one mesh axis twice.
     self.img_projection = BiasedAdaptedDense(
         features=self.config.text.emb_dim, kernel_axes=(None, "embed"),
-        dtype=self.config.text.activation_dtype)
-    self.text = EncoderDecoder(self.config.text, **adapters)
+        adapters=NO_ADAPTERS, dtype=self.config.text.activation_dtype)
+    self.text = EncoderDecoder(self.config.text)
 
   def encode(self, image, encoder_input_tokens, *, enable_dropout: bool = False
              ) -> EncoderOutput:
     """Image [b, H, W, 3] in [-1, 1] and prompt tokens [b, L_in] (0 = padding)."""
-    patches, _ = self.img(image, enable_dropout)
+    patches = self.img(image, enable_dropout)
     img_tokens = self.img_projection(patches)
     self.sow("intermediates", "img_tokens", img_tokens)
     return self.text.encode(encoder_input_tokens, img_tokens, enable_dropout=enable_dropout)

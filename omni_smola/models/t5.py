@@ -31,9 +31,10 @@ Parameters, in T5X's layout so T5X checkpoints map one to one (`{i}` a layer):
     decoder/layers_{i}/mlp/{wi_0,wi_1,wo}/kernel
     decoder/decoder_norm/scale                                [embed]
     decoder/logits_dense/kernel                               [embed, vocab] (untied only)
-Adapters add `.../{projection}/adapter/...`. `AdapterSpec.sites` match the projection's
-parameter path: the path above under whatever encloses the model, e.g.
-`text/encoder/layers_0/mlp/wi_0` in PaLI.
+Adapters add `.../{projection}/{slot}/...` (`adapter`, `specialist_adapter`: the
+`AdapterPlan`'s slots). `AdapterSpec.sites` match the projection's parameter path: the
+path above under whatever encloses the model, e.g. `text/encoder/layers_0/mlp/wi_0` in
+PaLI. The output projection `logits_dense` is never adapted.
 
 Token contexts: encoder projections see the encoder tokens' context (padding,
 `[visual; text]` layout). Decoder projections see a causal context routing
@@ -42,17 +43,18 @@ attention's key/value projections, which act on encoder tokens and so see the
 encoder's context.
 """
 import functools
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Optional
 
 import flax.linen as nn
 import flax.struct
 import jax.numpy as jnp
 
+from omni_smola.models import layer_stack
 from omni_smola.models.attention import MultiHeadAttention
 from omni_smola.models.configs import T5Config
 from omni_smola.models.layers import Embed, RMSNorm, constrain
 from omni_smola.models.relative_position import RelativePositionBias
-from omni_smola.nn import AdaptedDense, AdapterSpec, TokenContext
+from omni_smola.nn import NO_ADAPTERS, AdaptedDense, AdapterPlan, TokenContext
 
 _MLP_INIT = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
 
@@ -89,17 +91,13 @@ class MlpBlock(nn.Module):
   """Gated MLP: `wo(act(wi_0 x) * wi_1 x)`, act GELU (T5.1.1) or SiLU (UL2)."""
   mlp_dim: int
   activation: str = "gelu"
-  adapter: Optional[AdapterSpec] = None
-  specialist_adapter: Optional[AdapterSpec] = None
   dropout_rate: float = 0.0
   deterministic: bool = True
   dtype: Any = jnp.float32
 
   def _dense(self, name, features, axes):
-    return AdaptedDense(features=features, kernel_axes=axes, adapter=self.adapter,
-                        specialist_adapter=self.specialist_adapter,
-                        dtype=self.dtype, kernel_init=_MLP_INIT,
-                        name=name)
+    return AdaptedDense(features=features, kernel_axes=axes, dtype=self.dtype,
+                        kernel_init=_MLP_INIT, name=name)
 
   @nn.compact
   def __call__(self, x, context: TokenContext):
@@ -116,8 +114,6 @@ class MlpBlock(nn.Module):
 
 class _Layer(nn.Module):
   config: T5Config
-  adapter: Optional[AdapterSpec] = None
-  specialist_adapter: Optional[AdapterSpec] = None
   deterministic: bool = True
   decode: bool = False
 
@@ -126,17 +122,13 @@ class _Layer(nn.Module):
 
   def attention(self, name, **kw):
     cfg = self.config
-    return MultiHeadAttention(cfg.num_heads, cfg.head_dim, adapter=self.adapter,
-                              specialist_adapter=self.specialist_adapter,
-                              dropout_rate=cfg.dropout_rate,
+    return MultiHeadAttention(cfg.num_heads, cfg.head_dim, dropout_rate=cfg.dropout_rate,
                               deterministic=self.deterministic, dtype=cfg.activation_dtype,
                               name=name, **kw)
 
   def mlp(self, x, context):
     cfg = self.config
-    return MlpBlock(cfg.mlp_dim, activation=cfg.mlp_activation,
-                    adapter=self.adapter, specialist_adapter=self.specialist_adapter,
-                    dropout_rate=cfg.dropout_rate, deterministic=self.deterministic,
+    return MlpBlock(cfg.mlp_dim, activation=cfg.mlp_activation, dropout_rate=cfg.dropout_rate, deterministic=self.deterministic,
                     dtype=cfg.activation_dtype, name="mlp")(x, context)
 
   def residual(self, x, y):
@@ -177,38 +169,30 @@ def _relpos(cfg: T5Config):
 
 
 class Encoder(nn.Module):
-  """Embedded tokens [b, L, embed] -> (encoded [b, L, embed], {'layers_{i}': ...})."""
+  """Embedded tokens [b, L, embed] -> encoded [b, L, embed]."""
   config: T5Config
-  adapter: Optional[AdapterSpec] = None
-  specialist_adapter: Optional[AdapterSpec] = None
 
   @nn.compact
-  def __call__(self, x, context: TokenContext, enable_dropout: bool = False
-               ) -> Tuple[jnp.ndarray, Dict[str, jnp.ndarray]]:
+  def __call__(self, x, context: TokenContext, enable_dropout: bool = False) -> jnp.ndarray:
     cfg = self.config
     batch, length = x.shape[:2]
     bias = _relpos(cfg)(length, length, bidirectional=True)
     mask = context.valid_mask(batch, length)[:, None, None, :]
     x = nn.Dropout(cfg.dropout_rate)(x, deterministic=not enable_dropout)
     x = constrain(x.astype(cfg.activation_dtype))
-    layer_cls = nn.remat(EncoderLayer) if cfg.remat else EncoderLayer
-    out = {}
-    for i in range(cfg.num_encoder_layers):
-      x = layer_cls(cfg, adapter=self.adapter,
-                    specialist_adapter=self.specialist_adapter, deterministic=not enable_dropout, name=f"layers_{i}")(
-                        x, context, mask, bias)
-      out[f"layers_{i}"] = x
+    x = layer_stack.apply_layers(
+        self, EncoderLayer, x, context, mask, bias, num_layers=cfg.num_encoder_layers,
+        name="layers", scan=cfg.scan_layers, remat=cfg.remat, remat_policy=cfg.remat_policy,
+        config=cfg, deterministic=not enable_dropout)
     x = RMSNorm(cfg.layer_norm_epsilon, cfg.activation_dtype, name="encoder_norm")(x)
     x = nn.Dropout(cfg.dropout_rate)(x, deterministic=not enable_dropout)
-    return constrain(x), out
+    return constrain(x)
 
 
 class Decoder(nn.Module):
   """Decoder input tokens -> float32 logits [b, L, vocab] (see `__call__`)."""
   config: T5Config
   shared_embedding: nn.Module
-  adapter: Optional[AdapterSpec] = None
-  specialist_adapter: Optional[AdapterSpec] = None
 
   @nn.compact
   def __call__(self, encoder_output: EncoderOutput, decoder_input_tokens,
@@ -258,12 +242,11 @@ class Decoder(nn.Module):
     x = self.shared_embedding(decoder_input_tokens)
     x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
     x = constrain(x.astype(cfg.activation_dtype))
-    layer_cls = nn.remat(DecoderLayer) if cfg.remat and not decode else DecoderLayer
-    for i in range(cfg.num_decoder_layers):
-      x = layer_cls(cfg, adapter=self.adapter,
-                    specialist_adapter=self.specialist_adapter, deterministic=deterministic, decode=decode, name=f"layers_{i}")(
-                        x, encoded, context, encoder_context, mask, bias, cross_mask,
-                        decode_position)
+    x = layer_stack.apply_layers(
+        self, DecoderLayer, x, encoded, context, encoder_context, mask, bias, cross_mask,
+        decode_position, num_layers=cfg.num_decoder_layers, name="layers",
+        scan=cfg.scan_layers, remat=cfg.remat and not decode, remat_policy=cfg.remat_policy,
+        config=cfg, deterministic=deterministic, decode=decode)
     x = RMSNorm(cfg.layer_norm_epsilon, cfg.activation_dtype, name="decoder_norm")(x)
     x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
     x = constrain(x)
@@ -275,26 +258,24 @@ class Decoder(nn.Module):
       logits = self.shared_embedding.attend(x * jnp.float32(cfg.emb_dim ** -0.5))
     else:
       logits = AdaptedDense(cfg.vocab_size, kernel_axes=("embed", "vocab"),
-                            dtype=jnp.float32, name="logits_dense")(x)
+                            adapters=NO_ADAPTERS, dtype=jnp.float32, name="logits_dense")(x)
     return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
 
 
 class EncoderDecoder(nn.Module):
   """T5.1.1 / UL2 with the adapter hook; `visual_tokens` make it PaLI's text side.
 
-  `adapter` is the spec every projection carries; `specialist_adapter` a second
-  one on top (the generalist -> specialist recipe), in `.../specialist_adapter/`.
+  `adapters` is the plan every projection reads (`AdaptedDense.plan`); as the root
+  of a text-only model or nested in PaLI (which then holds the plan) alike.
   """
   config: T5Config
-  adapter: Optional[AdapterSpec] = None
-  specialist_adapter: Optional[AdapterSpec] = None
+  adapters: Optional[AdapterPlan] = None
 
   def setup(self):
     cfg = self.config
-    adapters = dict(adapter=self.adapter, specialist_adapter=self.specialist_adapter)
     self.token_embedder = Embed(cfg.vocab_size, cfg.emb_dim, cfg.activation_dtype)
-    self.encoder = Encoder(cfg, **adapters)
-    self.decoder = Decoder(cfg, self.token_embedder, **adapters)
+    self.encoder = Encoder(cfg)
+    self.decoder = Decoder(cfg, self.token_embedder)
 
   def encode(self, encoder_input_tokens, visual_tokens=None, *,
              enable_dropout: bool = False) -> EncoderOutput:
@@ -310,7 +291,7 @@ class EncoderDecoder(nn.Module):
       context = TokenContext(valid=jnp.concatenate([ones, valid], axis=1),
                              visual=jnp.concatenate([ones, jnp.zeros_like(valid)], axis=1),
                              num_visual_tokens=num_visual)
-    encoded, _ = self.encoder(x, context, enable_dropout)
+    encoded = self.encoder(x, context, enable_dropout)
     self.sow("intermediates", "encoded", encoded)
     return EncoderOutput(encoded, context, masked_mean(encoded, context.valid))
 

@@ -23,17 +23,18 @@ embeddings resampled on the fly (`resample_position_embedding`, also used when
 importing a checkpoint trained at another resolution).
 """
 import math
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Optional, Sequence, Union
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from omni_smola.models import layer_stack
 from omni_smola.models.attention import MultiHeadAttention
 from omni_smola.models.configs import ViTConfig
 from omni_smola.models.layers import BiasedAdaptedDense, constrain
-from omni_smola.nn import AdapterSpec, TokenContext
+from omni_smola.nn import NO_ADAPTERS, AdapterPlan, TokenContext
 
 _XAVIER = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")
 
@@ -99,8 +100,6 @@ class PatchEmbedding(nn.Module):
 
 class MlpBlock(nn.Module):
   mlp_dim: int
-  adapter: Optional[AdapterSpec] = None
-  specialist_adapter: Optional[AdapterSpec] = None
   dropout_rate: float = 0.0
   deterministic: bool = True
   dtype: Any = jnp.float32
@@ -108,8 +107,7 @@ class MlpBlock(nn.Module):
   @nn.compact
   def __call__(self, x, context):
     def dense(name, features, axes):
-      return BiasedAdaptedDense(features=features, kernel_axes=axes, adapter=self.adapter,
-                                specialist_adapter=self.specialist_adapter, dtype=self.dtype,
+      return BiasedAdaptedDense(features=features, kernel_axes=axes, dtype=self.dtype,
                                 kernel_init=_XAVIER, name=name)
     hidden = nn.gelu(dense("Dense_0", self.mlp_dim, ("embed", "mlp"))(x, context),
                      approximate=True)
@@ -120,8 +118,6 @@ class MlpBlock(nn.Module):
 
 class EncoderBlock(nn.Module):
   config: ViTConfig
-  adapter: Optional[AdapterSpec] = None
-  specialist_adapter: Optional[AdapterSpec] = None
   deterministic: bool = True
 
   @nn.compact
@@ -130,53 +126,48 @@ class EncoderBlock(nn.Module):
     dtype = cfg.activation_dtype
     drop = nn.Dropout(cfg.dropout_rate, deterministic=self.deterministic)
     y = _layer_norm("LayerNorm_0", dtype)(x)
-    y = MultiHeadAttention(cfg.num_heads, cfg.width // cfg.num_heads,
-                           adapter=self.adapter,
-                           specialist_adapter=self.specialist_adapter, init_style="vit",
+    y = MultiHeadAttention(cfg.num_heads, cfg.width // cfg.num_heads, init_style="vit",
                            dropout_rate=cfg.dropout_rate, deterministic=self.deterministic,
                            dtype=dtype, name="MultiHeadDotProductAttention_0")(
                                y, y, context, context)
     x = constrain(x + drop(y))
     y = _layer_norm("LayerNorm_1", dtype)(x)
-    y = MlpBlock(cfg.mlp_dim, adapter=self.adapter,
-                 specialist_adapter=self.specialist_adapter, dropout_rate=cfg.dropout_rate, deterministic=self.deterministic,
+    y = MlpBlock(cfg.mlp_dim, dropout_rate=cfg.dropout_rate, deterministic=self.deterministic,
                  dtype=dtype, name="MlpBlock_0")(y, context)
     return constrain(x + drop(y))
 
 
 class Transformer(nn.Module):
   config: ViTConfig
-  adapter: Optional[AdapterSpec] = None
-  specialist_adapter: Optional[AdapterSpec] = None
 
   @nn.compact
   def __call__(self, x, enable_dropout: bool = False):
     cfg = self.config
     context = TokenContext(num_visual_tokens=x.shape[1])  # every token is visual
-    block_cls = nn.remat(EncoderBlock) if cfg.remat else EncoderBlock
-    out = {}
-    for i in range(cfg.depth):
-      x = block_cls(cfg, adapter=self.adapter,
-                    specialist_adapter=self.specialist_adapter, deterministic=not enable_dropout, name=f"encoderblock_{i}")(x, context)
-      out[f"encoderblock_{i}"] = x
-    out["pre_norm"] = x
-    return _layer_norm("encoder_norm", cfg.activation_dtype)(x), out
+    x = layer_stack.apply_layers(
+        self, EncoderBlock, x, context, num_layers=cfg.depth, name="encoderblock",
+        scan=cfg.scan_layers, remat=cfg.remat, remat_policy=cfg.remat_policy, config=cfg,
+        deterministic=not enable_dropout)
+    return _layer_norm("encoder_norm", cfg.activation_dtype)(x)
 
 
 class ViT(nn.Module):
-  """Image [b, H, W, 3] in [-1, 1] -> (patch tokens [b, n, width], intermediates)."""
+  """Image [b, H, W, 3] in [-1, 1] -> patch tokens [b, n, width].
+
+  Its projections carry the model's adapters only when `ViTConfig.adapt` is on
+  (`adapters`: None defers to the enclosing model's plan, `NO_ADAPTERS` stops it).
+  """
   config: ViTConfig
-  adapter: Optional[AdapterSpec] = None
-  specialist_adapter: Optional[AdapterSpec] = None
+
+  @property
+  def adapters(self) -> Optional[AdapterPlan]:
+    return None if self.config.adapt else NO_ADAPTERS
 
   @nn.compact
-  def __call__(self, image, enable_dropout: bool = False
-               ) -> Tuple[jnp.ndarray, Dict[str, jnp.ndarray]]:
+  def __call__(self, image, enable_dropout: bool = False) -> jnp.ndarray:
     cfg = self.config
     dtype = cfg.activation_dtype
-    out = {}
     x = PatchEmbedding(cfg.width, cfg.patch_size, dtype, name="embedding")(image)
-    out["stem"] = x
     posemb = self.param(
         "pos_embedding",
         nn.with_logical_partitioning(nn.initializers.normal(stddev=cfg.width ** -0.5),
@@ -186,13 +177,6 @@ class ViT(nn.Module):
     if grid != (cfg.grid_size, cfg.grid_size):
       posemb = resample_position_embedding(posemb, grid)
     x = x + jnp.asarray(posemb, dtype)
-    out["with_posemb"] = x
     x = nn.Dropout(cfg.dropout_rate)(x, deterministic=not enable_dropout)
     x = constrain(x)
-    adapters = dict(adapter=self.adapter, specialist_adapter=self.specialist_adapter)
-    if not cfg.adapt:
-      adapters = {}
-    x, blocks = Transformer(cfg, name="Transformer", **adapters)(x, enable_dropout)
-    out.update(blocks)
-    out["encoded"] = x
-    return x, out
+    return Transformer(cfg, name="Transformer")(x, enable_dropout)

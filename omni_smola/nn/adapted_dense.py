@@ -2,9 +2,19 @@
 
 `AdaptedDense` computes the backbone projection `x W` exactly as a T5X
 `DenseGeneral` does (same parameter name, `kernel`, same logical axes, so
-checkpoints map one to one) and adds the residual of the adapter its spec names,
-in a child module called `adapter`. Freezing is the trainer's business (a regex
-over parameter paths): nothing here knows what is trainable.
+checkpoints map one to one) and adds the residual of each adapter the model's
+`AdapterPlan` attaches at its parameter path, in a child module named after the
+plan's slot (`adapter`, `specialist_adapter`). Freezing is the trainer's business
+(a regex over parameter paths): nothing here knows what is trainable.
+
+The plan is read, not passed: a projection uses the `adapters` of the nearest
+module, itself included, whose `adapters` is not None, walking up its parents
+(`plan_of`; a lifted transform ends the walk, so `models.layer_stack` hands the
+plan to the layers it scans or rematerialises).
+The model's root holds the plan; a module that must stay plain (the ViT when
+`ViTConfig.adapt` is off, PaLI's image projection, the logits) says
+`adapters=NO_ADAPTERS` (or a property returning it), and nothing in between knows
+about adapters at all.
 
 Adapters see the tokens flattened to `[batch, length, d_in]` and produce
 `[batch, length, d_out]`; multi-axis projections (attention's
@@ -18,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from omni_smola.nn.adapter_plan import NO_ADAPTERS, AdapterPlan
 from omni_smola.nn.adapter_spec import AdapterSpec
 from omni_smola.nn.lora import LoRA
 from omni_smola.nn.mixlora import MixLoRA
@@ -61,6 +72,21 @@ def build_adapter(spec: AdapterSpec, in_features: int, out_features: int, in_axi
   raise ValueError(f"AdapterSpec.kind={spec.kind!r} adds no residual")
 
 
+def plan_of(module: nn.Module) -> AdapterPlan:
+  """The `adapters` of the nearest module (`module`, then its parents) that has one.
+
+  A lifted transform (`nn.scan`, `nn.remat`) gives the modules it wraps a scope, not a
+  module, as parent; whoever lifts a module hands it the plan read here on the outside
+  (`models.layer_stack`).
+  """
+  while isinstance(module, nn.Module):
+    plan = getattr(module, "adapters", None)
+    if plan is not None:
+      return plan
+    module = module.parent
+  return NO_ADAPTERS
+
+
 class AdaptedDense(nn.Module):
   """DenseGeneral without bias, plus the residual of `adapter` where it applies.
 
@@ -68,17 +94,14 @@ class AdaptedDense(nn.Module):
     features: output shape (int or tuple), as DenseGeneral.
     axis: input axes contracted, as DenseGeneral.
     kernel_axes: logical names of the kernel's axes (input axes, then output).
-    adapter: the spec; None or a spec whose `sites` do not match this projection's
-      parameter path (`text/encoder/layers_0/mlp/wi_0`) gives a plain projection.
-    specialist_adapter: a second adapter added on top, in a child called
-      `specialist_adapter` (the paper's generalist -> specialist recipe: the
-      generalist's adapter is frozen and a per-task LoRA is trained).
+    adapters: this projection's own plan; None (the default) reads the plan of the
+      enclosing modules (`plan`). A slot's spec whose `sites` do not match this
+      projection's parameter path (`text/encoder/layers_0/mlp/wi_0`) adds nothing.
   """
   features: Union[int, Tuple[int, ...]]
   axis: Union[int, Tuple[int, ...]] = -1
   kernel_axes: Tuple[str, ...] = ()
-  adapter: Optional[AdapterSpec] = None
-  specialist_adapter: Optional[AdapterSpec] = None
+  adapters: Optional[AdapterPlan] = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   kernel_init: Callable = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
@@ -102,17 +125,19 @@ class AdaptedDense(nn.Module):
     contract = (axis, tuple(range(len(axis))))
     outputs = jax.lax.dot_general(inputs, kernel, (contract, ((), ())),
                                   precision=self.precision)
-    for name, spec in (("adapter", self.adapter),
-                       ("specialist_adapter", self.specialist_adapter)):
-      if spec is not None and spec.applies_to(self.path_name):
-        outputs = outputs + self._adapter_residual(
-            spec, name, inputs, axis, in_shape, features, context)
+    for slot, spec in self.plan.residual_slots(self.path_name):
+      outputs = outputs + self._adapter_residual(
+          spec, slot, inputs, axis, in_shape, features, context)
     return outputs
 
   @property
   def path_name(self) -> str:
     """The parameter path of this projection: what `AdapterSpec.sites` match."""
     return "/".join(self.scope.path)
+
+  @property
+  def plan(self) -> AdapterPlan:
+    return plan_of(self)
 
   def _adapter_residual(self, spec, name, inputs, axis, in_shape, features, context):
     leading = [a for a in range(inputs.ndim) if a not in axis]

@@ -29,6 +29,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
+from omni_smola import param_layout
 from omni_smola.checkpoints import restore as checkpoint_restore
 from omni_smola.checkpoints.restore import CheckpointMismatchError
 
@@ -37,7 +38,6 @@ ADAPTERS_SUBDIR = "adapters"
 STATE_ITEM = "state"
 DATA_ITEM = "data"
 ADAPTERS_ITEM = "adapters"
-ADAPTER_COMPONENTS = ("adapter", "specialist_adapter")
 
 
 @gin.configurable
@@ -66,13 +66,9 @@ class CheckpointConfig:
     self.keep_best = keep_best
 
 
-def is_adapter_path(path: Sequence[str]) -> bool:
-  return any(component in ADAPTER_COMPONENTS for component in path)
-
-
 def adapter_params(params: Mapping[str, Any]) -> Dict[str, Any]:
   flat = traverse_util.flatten_dict(dict(params), keep_empty_nodes=False)
-  return traverse_util.unflatten_dict({k: v for k, v in flat.items() if is_adapter_path(k)})
+  return traverse_util.unflatten_dict({k: v for k, v in flat.items() if param_layout.is_adapter_path(k)})
 
 
 def _step_dirs(directory: str) -> List[Tuple[int, str]]:
@@ -254,7 +250,7 @@ def restore_params(path: str, target: Mapping[str, Any], *,
   if require_adapters:
     flat = traverse_util.flatten_dict(dict(target), keep_empty_nodes=False)
     missing = sorted("/".join(k) for k, v in flat.items()
-                     if is_adapter_path(k) and "/".join(k) not in loaded)
+                     if param_layout.is_adapter_path(k) and "/".join(k) not in loaded)
     if missing:
       raise CheckpointMismatchError(
           f"{path} has no values for {len(missing)} adapter parameters of the model, "

@@ -23,6 +23,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from omni_smola import param_layout
 from omni_smola import partitioning
 from omni_smola.training.train_state import Params, TrainState, merge_params
 
@@ -173,9 +174,7 @@ def init_params(partitioner: Partitioner, model, rng, input_shapes, params_shard
 
   def init(rng):
     variables = model.get_initial_variables(rng, input_shapes)
-    return subtree(jax.tree_util.tree_map(
-        lambda x: x.value if isinstance(x, nn.meta.AxisMetadata) else x, variables["params"],
-        is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata)))
+    return subtree(param_layout.unbox(variables["params"]))
 
   # Outside the rules: `out_shardings` lays the parameters out, so no constraint is
   # needed inside the init.

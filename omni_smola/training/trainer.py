@@ -23,11 +23,11 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from absl import logging
 from flax import traverse_util
-import flax.linen as nn
 import gin
 import jax
 import numpy as np
 
+from omni_smola import param_layout
 from omni_smola.training import best_checkpoint, checkpointing, data_iterator, faults
 from omni_smola.training import metrics_logging
 from omni_smola.training import optimizers, partitioned_step
@@ -49,13 +49,6 @@ class TrainResult:
   loss_history: List[Tuple[int, float]] = dataclasses.field(default_factory=list)
   eval_results: Dict[int, Dict[str, Dict[str, float]]] = dataclasses.field(
       default_factory=dict)
-
-
-def box_values(tree):
-  """The values inside flax partitioning boxes (no sharding constraint applied)."""
-  return jax.tree_util.tree_map(
-      lambda x: x.value if isinstance(x, nn.meta.AxisMetadata) else x, tree,
-      is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
 
 
 def input_shapes(model, cfg: data_iterator.DatasetConfig, batch_size: int = 1):
@@ -94,8 +87,8 @@ def plan_layout(model, partitioner, tx, shapes, trainable_mode: str,
   abstract = partitioned_step.abstract_variables(model, shapes)
   params_sharding = partitioner.variables_sharding(abstract)["params"]
   mask = model.trainable_mask(abstract["params"], trainable_mode, tuple(trainable_overrides))
-  mask = box_values(mask)
-  abstract_params = box_values(abstract["params"])
+  mask = param_layout.unbox(mask)
+  abstract_params = param_layout.unbox(abstract["params"])
   if not any(jax.tree_util.tree_leaves(mask)):
     raise ValueError(f"trainable mode {trainable_mode!r} with overrides {trainable_overrides} "
                      "leaves no parameter to train (does the adapter config add any?)")
@@ -230,7 +223,7 @@ def train(*, model, model_dir: str, train_dataset_cfg: data_iterator.DatasetConf
     def may_be_missing(path):
       """What a pretrained checkpoint may lack (the rest is never initialised)."""
       name = "/".join(path)
-      return checkpointing.is_adapter_path(path) or any(
+      return param_layout.is_adapter_path(path) or any(
           re.search(p, name) for p in initial_checkpoint_allow_missing)
 
     if initial_checkpoint_path:

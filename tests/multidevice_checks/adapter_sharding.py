@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from omni_smola import partitioning
-from omni_smola.nn import AdaptedDense, AdapterSpec, TokenContext
+from omni_smola.nn import AdaptedDense, AdapterPlan, AdapterSpec, TokenContext
 
 assert jax.device_count() == 8, jax.devices()
 BATCH, LENGTH, WIDTH, HEADS, HEAD_DIM, NUM_VISUAL = 4, 12, 16, 4, 4, 8
@@ -21,11 +21,12 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x, context):
     q = AdaptedDense((HEADS, HEAD_DIM), kernel_axes=("embed", "heads", "kv"),
-                     adapter=self.spec, name="query")(x, context)
+                     adapters=AdapterPlan(adapter=self.spec), name="query")(x, context)
     q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
     y = AdaptedDense(WIDTH, axis=(-2, -1), kernel_axes=("heads", "kv", "embed"),
-                     adapter=self.spec, name="out")(q, context)
-    return AdaptedDense(32, kernel_axes=("embed", "mlp"), adapter=self.spec,
+                     adapters=AdapterPlan(adapter=self.spec), name="out")(q, context)
+    return AdaptedDense(32, kernel_axes=("embed", "mlp"),
+                        adapters=AdapterPlan(adapter=self.spec),
                         name="wi")(y, context)
 
 

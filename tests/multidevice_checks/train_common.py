@@ -22,7 +22,7 @@ BINDINGS: Dict[str, object] = {
     "CHECKPOINT_PERIOD": 10,
     "LEARNING_RATE": 1e-2,
     "WARMUP_STEPS": 10,
-    "omni_smola.model.PaliModel.vocab_size": 1024,  # the mini vocabulary has 1000 pieces
+    "omni_smola.models.configs.T5Config.vocab_size": 1024,  # the mini vocabulary: 1000 pieces
     "omni_smola.nn.adapter_spec.AdapterSpec.rank": 2,
     "omni_smola.nn.adapter_spec.AdapterSpec.experts_per_group": {"mm": 2, "vis": 2, "txt": 2},
     "omni_smola.training.trainer.train.log_period": 5,
