@@ -144,7 +144,9 @@ def export_params(flat: Mapping[str, Any], config, plan: AdapterPlan, output_dir
   check_modes(plan, merge, peft)
   staging.check_output_dir(os.path.abspath(output_dir), overwrite)
   has_vision = config.vision is not None
-  flat = {name: np.asarray(value) for name, value in flat.items()}
+  # Everything below is per layer (HF and peft name layers one by one); a scanned model's
+  # stacks are split here, and merged/ loads back into either layout (restore converts).
+  flat = param_layout.unstack_layers({name: np.asarray(value) for name, value in flat.items()})
   record: Dict[str, Any] = {"checkpoint": source, "merged": {}, "kept": {}, "peft": []}
   if merge:
     result = merge_lora(flat, plan)

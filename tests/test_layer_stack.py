@@ -121,3 +121,18 @@ def test_the_remat_policy_is_a_named_choice_checked_at_construction():
       configs.ViTConfig(width=8, depth=1, mlp_dim=8, num_heads=2)
   finally:
     gin.clear_config()
+
+
+def test_a_scanned_model_exports_the_same_files_as_its_unrolled_twin(tmp_path):
+  from omni_smola import export  # pylint: disable=g-import-not-at-top
+  lora = AdapterSpec(kind="lora", rank=2)
+  unrolled = PaliModel(dataclasses.replace(_config(False), vision=None), lora)
+  params = random_params(unrolled, make_batch(unrolled))
+  per_layer = _flat(params)
+  for name, flat, scan in (("unrolled", per_layer, False),
+                           ("scanned", param_layout.stack_layers(per_layer), True)):
+    config = dataclasses.replace(_config(scan), vision=None)
+    export.export_params(flat, config, unrolled.adapters, str(tmp_path / name), merge=True)
+  for name in ("text/model.safetensors", "text/config.json"):
+    scanned, unrolled_file = tmp_path / "scanned" / name, tmp_path / "unrolled" / name
+    assert scanned.read_bytes() == unrolled_file.read_bytes(), name
