@@ -22,9 +22,9 @@ import flax.linen as nn
 import gin
 import jax
 import jax.numpy as jnp
-from flax import traverse_util
 
 from omni_smola.models import configs, decoding
+from omni_smola.models.attention import CROSS_ATTENTION_KV
 from omni_smola.models.pali import Pali
 from omni_smola.models.t5 import EncoderDecoder, EncoderOutput
 from omni_smola import param_layout
@@ -37,8 +37,6 @@ TRAINABLE_MODES = ("adapters", "full")
 _CONFIG_CLASSES = ("PaliConfig", "T5Config", "ViTConfig")
 _DECODER_PARAMS = ("decoding", "temperature", "top_k", "topk", "alpha", "use_cache",
                    "max_decode_length", "eos_id", "decode_rng")
-# Cross-attention keys/values are computed once per example and never reordered.
-_STATIC_CACHE = "encoder_decoder_attention"
 
 
 def cross_entropy_with_logits(logits, targets, label_smoothing: float = 0.0,
@@ -318,7 +316,7 @@ class PaliModel:
     if method == "beam":
       sequences, scores = decoding.beam_search(
           tokens_to_logits, cache, prompt, beam_size=num_decodes, alpha=options["alpha"],
-          eos_id=options["eos_id"])
+          eos_id=options["eos_id"], reorder_cache=self._reorder_cache)
     else:
       if method == "sample" and rng is None:
         rng = jax.random.PRNGKey(0)
@@ -348,25 +346,30 @@ class PaliModel:
                                             keepdims=False), state.cache
       return recompute, ()
 
+    # The first call fills both collections; the cross-attention keys and values are then
+    # constants of every step (never carried, never reordered by beam search).
     _, variables = self._apply(params, encoder_output, jnp.zeros((rows, length), jnp.int32),
-                               decode=True, max_decode_length=length, mutable=["cache"],
-                               method="decode")
-    flat = traverse_util.flatten_dict(variables["cache"], sep="/")
-    static = {k: v for k, v in flat.items() if _STATIC_CACHE in k}
-    carried = traverse_util.unflatten_dict(
-        {k: v for k, v in flat.items() if k not in static}, sep="/")
+                               decode=True, max_decode_length=length,
+                               mutable=["cache", CROSS_ATTENTION_KV], method="decode")
+    cross_attention_kv = variables.get(CROSS_ATTENTION_KV, {})
 
     def step(state: decoding.DecodingState):
-      cache = traverse_util.flatten_dict(state.cache, sep="/")
-      cache = traverse_util.unflatten_dict({**cache, **static}, sep="/")
       logits, mutated = self.module.apply(
-          {"params": params, "cache": cache}, encoder_output, state.token, decode=True,
-          max_decode_length=length, mutable=["cache"], method="decode")
-      new = traverse_util.flatten_dict(mutated["cache"], sep="/")
-      new = traverse_util.unflatten_dict(
-          {k: v for k, v in new.items() if k not in static}, sep="/")
-      return logits[:, 0], new
-    return step, carried
+          {"params": params, "cache": state.cache, CROSS_ATTENTION_KV: cross_attention_kv},
+          encoder_output, state.token, decode=True, max_decode_length=length,
+          mutable=["cache"], method="decode")
+      return logits[:, 0], mutated["cache"]
+    return step, variables["cache"]
+
+  @staticmethod
+  def _reorder_cache(cache, rows):
+    """Beam search's row reorder; a scanned stack's cache has its layers first."""
+    def take(path, x):
+      if not x.ndim:
+        return x
+      axis = 1 if any(getattr(k, "key", None) in param_layout.STACKS for k in path) else 0
+      return jnp.take(x, rows, axis=axis)
+    return jax.tree_util.tree_map_with_path(take, cache)
 
   # ------------------------------------------------------------------ freezing
 

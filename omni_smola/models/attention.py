@@ -12,7 +12,9 @@ Cached decoding (`decode=True`), flax `cache` collection:
 * self-attention keeps `cached_key`/`cached_value` `[b, length, h, d]` and
   writes the new position's key and value at `decode_position`;
 * cross-attention (`cache_inputs_kv=True`) projects the encoder output once,
-  on the cache-initialising call, and reuses the projected keys and values.
+  on the cache-initialising call, into its own collection `CROSS_ATTENTION_KV`
+  (`cached_key`/`cached_value`), and reuses it: a decoding loop passes that
+  collection as a constant and carries only `cache` from step to step.
 The first call in decode mode (the cache does not exist yet) only creates the
 cache and computes as without it.
 """
@@ -27,6 +29,7 @@ from omni_smola.nn import AdaptedDense, TokenContext
 
 # Masked logits: exp() of this underflows to exactly 0 in float32 (no NaN from -inf).
 MASKED_LOGIT = -1e10
+CROSS_ATTENTION_KV = "cross_attention_kv"  # the decoding-time keys/values of the encoder
 
 
 def _inits(style: str, head_dim: int):
@@ -105,15 +108,15 @@ class MultiHeadAttention(nn.Module):
 
     if not self.decode:
       return project()
-    initialized = self.has_variable("cache", "cached_key")
     if self.cache_inputs_kv:
-      if initialized:  # the encoder side never changes: its projections are cached
-        return self.get_variable("cache", "cached_key"), self.get_variable("cache",
-                                                                           "cached_value")
+      if self.has_variable(CROSS_ATTENTION_KV, "cached_key"):  # the encoder side is fixed
+        return (self.get_variable(CROSS_ATTENTION_KV, "cached_key"),
+                self.get_variable(CROSS_ATTENTION_KV, "cached_value"))
       key, value = project()
-      self.put_variable("cache", "cached_key", key)
-      self.put_variable("cache", "cached_value", value)
+      self.put_variable(CROSS_ATTENTION_KV, "cached_key", key)
+      self.put_variable(CROSS_ATTENTION_KV, "cached_value", value)
       return key, value
+    initialized = self.has_variable("cache", "cached_key")
     key, value = project()
     cached_key = self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)
     cached_value = self.variable("cache", "cached_value", jnp.zeros, value.shape, value.dtype)

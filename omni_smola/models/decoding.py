@@ -107,13 +107,22 @@ def _gather_beams(x, index):
   return jnp.take_along_axis(x, index, axis=1)
 
 
+def reorder_rows(cache, rows):
+  """Every cache leaf with its rows (leading axis) taken in the order `rows`."""
+  return jax.tree_util.tree_map(lambda x: x[rows] if x.ndim else x, cache)
+
+
 def beam_search(tokens_to_logits: TokensToLogits, cache, prompt, *, beam_size: int,
-                alpha: float = 0.6, eos_id: int = 1) -> Tuple[jnp.ndarray, jnp.ndarray]:
+                alpha: float = 0.6, eos_id: int = 1,
+                reorder_cache: Callable[[Any, jnp.ndarray], Any] = reorder_rows,
+                ) -> Tuple[jnp.ndarray, jnp.ndarray]:
   """Beam search over `prompt`'s rows (examples).
 
   `cache` has `batch * beam_size` rows, each example's beams consecutive (the
-  model expands its encoder output per beam before initialising it); leaves
-  without a leading axis (cache indices) are shared.
+  model expands its encoder output per beam before initialising it);
+  `reorder_cache(cache, rows)` follows the surviving beams (default: rows are
+  every leaf's leading axis, leaves without one, cache indices, are shared; a
+  model whose cache stacks layers first passes its own).
 
   Returns (sequences [batch, beam_size, L], scores [batch, beam_size]), sorted by
   length-penalised score, best last.
@@ -161,7 +170,7 @@ def beam_search(tokens_to_logits: TokensToLogits, cache, prompt, *, beam_size: i
     finished_seqs = _gather_beams(jnp.concatenate([finished_seqs, seqs], axis=1), pick)
 
     rows = (jnp.arange(batch)[:, None] * beams + origin).reshape(-1)
-    cache = jax.tree_util.tree_map(lambda x: x[rows] if x.ndim else x, cache)
+    cache = reorder_cache(cache, rows)
     return index + 1, live_seqs, live_logp, finished_seqs, finished_scores, cache
 
   first_beam_only = jnp.where(jnp.arange(beams) == 0, 0.0, NEG)

@@ -15,6 +15,7 @@ from typing import Any, Callable, Dict, Optional
 import flax.linen as nn
 import jax
 
+from omni_smola.models.attention import CROSS_ATTENTION_KV
 from omni_smola.nn import AdapterPlan
 from omni_smola.nn.adapted_dense import plan_of
 
@@ -72,7 +73,8 @@ def apply_layers(owner: nn.Module, layer_cls, x, *args, num_layers: int, name: s
     if remat:
       # Inside a scan, CSE cannot merge recomputation across iterations: no need to prevent it.
       body = nn.remat(body, prevent_cse=False, policy=REMAT_POLICIES[remat_policy])
-    stack = nn.scan(body, variable_axes={"params": 0, "intermediates": 0, "cache": 0},
+    stack = nn.scan(body, variable_axes={"params": 0, "intermediates": 0, "cache": 0,
+                                         CROSS_ATTENTION_KV: 0},
                     split_rngs={"params": True, "dropout": True},
                     in_axes=(nn.broadcast,) * len(args), length=num_layers,
                     metadata_params={nn.PARTITION_NAME: LAYERS_AXIS})
