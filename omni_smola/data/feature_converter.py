@@ -64,8 +64,8 @@ class PaliFeatureConverter(seqio.FeatureConverter):
     # seqio's Evaluator passes a length for every output feature of the task, image and
     # task_id included; only the token features have lengths to honour.
     lengths = {k: v for k, v in task_feature_lengths.items() if k in TEXT_FEATURES}
-    # Tasks trim already (and append EOS after trimming); trimming again here lets datasets
-    # read without sequence lengths through seqio's "length <= limit" input check.
+    # Tasks trim already (and append EOS after trimming); this is the converter's one trim,
+    # for datasets read without sequence lengths, before seqio's "length <= limit" check.
     ds = ds.map(lambda ex: {k: v[:lengths[k]] if k in lengths else v for k, v in ex.items()},
                 num_parallel_calls=tf.data.AUTOTUNE)
     return super().__call__(ds, lengths)
@@ -94,8 +94,8 @@ class PaliFeatureConverter(seqio.FeatureConverter):
         description = (example["example_id"][0] if "example_id" in example
                        else tf.constant("unnamed"))
         image = images.decode_image(image[0], description, task_id)
-      inputs = _trim_and_pad(example["inputs"], task_feature_lengths["inputs"])
-      targets = _trim_and_pad(example["targets"], task_feature_lengths["targets"])
+      inputs = _pad(example["inputs"], task_feature_lengths["inputs"])
+      targets = _pad(example["targets"], task_feature_lengths["targets"])
       return {
           "image": images.resize_and_normalize(image, image_size),
           "encoder_input_tokens": inputs,
@@ -120,9 +120,8 @@ class PaliFeatureConverter(seqio.FeatureConverter):
     }
 
 
-
-def _trim_and_pad(tokens: tf.Tensor, length: int) -> tf.Tensor:
-  tokens = tokens[:length]
+def _pad(tokens: tf.Tensor, length: int) -> tf.Tensor:
+  """`tokens` (at most `length`: trimmed in `__call__`) zero-padded to `length`."""
   tokens = tf.pad(tokens, [[0, length - tf.shape(tokens)[0]]])
   tokens.set_shape([length])
   return tokens
