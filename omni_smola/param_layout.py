@@ -122,40 +122,37 @@ class LayerLayoutError(ValueError):
   """Per-layer and scanned parameters that cannot be converted; names the stack."""
 
 
-def _layer(value, index: int):
+def _layer(value, index: int, axis: int):
   if isinstance(value, jax.ShapeDtypeStruct):
-    return jax.ShapeDtypeStruct(value.shape[1:], value.dtype)
-  return value[index]
+    return jax.ShapeDtypeStruct(value.shape[:axis] + value.shape[axis + 1:], value.dtype)
+  return value[(slice(None),) * axis + (index,)]
 
 
-def _num_layers(value) -> int:
-  return int(np.shape(value)[0]) if not isinstance(value, jax.ShapeDtypeStruct) else (
-      value.shape[0])
-
-
-def per_layer(key: Tuple[str, ...], value) -> Iterator[Tuple[Tuple[str, ...], Any]]:
-  """(key, value) as per-layer entries: a scanned `.../layers/...` splits along axis 0.
+def per_layer(key: Tuple[str, ...], value, axis: int = 0
+              ) -> Iterator[Tuple[Tuple[str, ...], Any]]:
+  """(key, value) as per-layer entries: a scanned `.../layers/...` splits along `axis`.
 
   `value` may be an array, a `ShapeDtypeStruct`, or a tuple of them (what `sow` keeps).
+  Ours stack layers on axis 0; T5X's scanned checkpoints on its `param_scan_axis` (1).
   """
   for index, name in enumerate(key[:-1]):
     if name in STACKS:
       first = value[0] if isinstance(value, tuple) else value
-      for layer in range(_num_layers(first)):
+      for layer in range(int(first.shape[axis])):
         renamed = key[:index] + (f"{name}_{layer}",) + key[index + 1:]
         if isinstance(value, tuple):
-          yield renamed, tuple(_layer(v, layer) for v in value)
+          yield renamed, tuple(_layer(v, layer, axis) for v in value)
         else:
-          yield renamed, _layer(value, layer)
+          yield renamed, _layer(value, layer, axis)
       return
   yield key, value
 
 
-def unstack_layers(flat: Mapping[str, Any]) -> Dict[str, Any]:
-  """'/'-named arrays with every scanned stack split into `{stack}_{i}` entries."""
+def unstack_layers(flat: Mapping[str, Any], axis: int = 0) -> Dict[str, Any]:
+  """'/'-named arrays with every scanned stack split (along `axis`) into `{stack}_{i}`."""
   out = {}
   for name, value in flat.items():
-    for key, layer_value in per_layer(tuple(name.split("/")), value):
+    for key, layer_value in per_layer(tuple(name.split("/")), value, axis):
       out["/".join(key)] = layer_value
   return out
 

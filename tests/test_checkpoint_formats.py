@@ -80,6 +80,23 @@ def test_t5x_legacy_reads_zarr_arrays_at_relative_paths_and_inline_arrays(tmp_pa
       "token_embedder/embedding"], params["token_embedder/embedding"])
 
 
+def test_t5x_scanned_layers_are_split_along_the_param_scan_axis(tmp_path):
+  per_layer = {f"encoder/layers_{i}/{name}": RNG.normal(size=shape).astype(np.float32)
+               for i in range(3) for name, shape in (("mlp/wi_0/kernel", (8, 12)),
+                                                     ("pre_mlp_layer_norm/scale", (8,)))}
+  scanned = {  # T5X's scalable_t5 layout: module `layers`, layers on axis 1
+      f"encoder/layers/{name}": np.stack([per_layer[f"encoder/layers_{i}/{name}"]
+                                          for i in range(3)], axis=1)
+      for name in ("mlp/wi_0/kernel", "pre_mlp_layer_norm/scale")}
+  scanned["encoder/encoder_norm/scale"] = RNG.normal(size=(8,)).astype(np.float32)
+  directory = str(tmp_path / "checkpoint_3")
+  _write_t5x_legacy(directory, scanned)
+  loaded = read_t5x_legacy(directory)
+  assert sorted(loaded) == sorted(list(per_layer) + ["encoder/encoder_norm/scale"])
+  for name, value in per_layer.items():
+    np.testing.assert_array_equal(loaded[name], value, err_msg=name)
+
+
 def test_orbax_checkpoint_reads_target_subtree_only(tmp_path):
   import orbax.checkpoint as ocp
   params = _params()

@@ -23,6 +23,7 @@ import tensorstore as ts
 from etils import epath
 from flax import serialization
 
+from omni_smola import param_layout
 from omni_smola.checkpoints.tree import Flat, flatten
 
 INDEX_NAME = "checkpoint"
@@ -55,13 +56,20 @@ def _open(spec: Mapping[str, Any], checkpoint_dir: str):
   return ts.open(resolved, open=True, read=True)
 
 
-def read_t5x_legacy(path: str, subtree: Optional[str] = "target") -> Flat:
-  """Parameters of a legacy T5X checkpoint as `{path: np.ndarray}`.
+def read_t5x_legacy(path: str, subtree: Optional[str] = "target",
+                    param_scan_axis: int = 1) -> Flat:
+  """Parameters of a legacy T5X checkpoint as `{path: np.ndarray}`, one entry per layer.
+
+  A model trained with T5X's `scan_layers` stores each stack as one `.../layers/...`
+  module whose arrays carry the layers on `param_scan_axis` (T5X's default: 1); they are
+  split into `layers_{i}` here, as every reader returns them (restore stacks them again
+  for a scanned model).
 
   Args:
     path: the `checkpoint_<step>` directory or its `checkpoint` msgpack file.
     subtree: the part of the optimizer state to return ('target' are the
       parameters); None returns everything.
+    param_scan_axis: the layer axis of a scanned checkpoint's stacked arrays.
   """
   index = epath.Path(path)
   index = index / INDEX_NAME if index.is_dir() else index
@@ -82,4 +90,5 @@ def read_t5x_legacy(path: str, subtree: Optional[str] = "target") -> Flat:
   reads = {name: future.result().read() for name, future in pending.items()}
   for name, future in reads.items():
     arrays[name] = np.asarray(future.result())
-  return {name: arrays[name] for name in leaves}
+  return param_layout.unstack_layers({name: arrays[name] for name in leaves},
+                                     axis=param_scan_axis)
