@@ -123,6 +123,10 @@ def test_one_checkpoint_written_together_equals_the_single_process_one(runs):
   single = orbax_format.read_orbax(os.path.join(runs["single"], "checkpoints", str(STEPS),
                                                 "state"))
   assert sorted(multi) == sorted(single)
+  # Each process saved the state of the input iterator of its own shard, in the same step.
+  states = os.listdir(os.path.join(runs["multi"], "checkpoints", str(STEPS), "data_iterator"))
+  assert {n.split(".")[0] for n in states if n.startswith("process_")} == {
+      "process_0-of-2", "process_1-of-2"}
   adapters = [name for name in multi if "/adapter/" in name]
   assert adapters
   for name in multi:

@@ -1,5 +1,6 @@
 """The trainer on the tiny config: learning, resuming, preemption, divergence, frozen params."""
 import json
+import logging
 import os
 import pathlib
 import shutil
@@ -19,7 +20,7 @@ import gin  # noqa: E402
 import jax  # noqa: E402
 
 from omni_smola.evaluation import tables  # noqa: E402
-from omni_smola.training import data_iterator, faults, trainer  # noqa: E402
+from omni_smola.training import data_iterator, faults, iterator_state, trainer  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -57,8 +58,11 @@ def test_loss_decreases_and_run_directory_has_checkpoints_logs_and_config(tiny_r
   assert any(n.startswith("events.out.tfevents") for n in os.listdir(model_dir / "train"))
   assert "MIXTURE_OR_TASK_NAME = 'mini_generalist_tiny'" in (model_dir / "config.gin").read_text()
   assert train_common.read_position(str(model_dir / "checkpoints" / "30")) == {
-      "batches_consumed": 30, "mixture_or_task_name": "mini_generalist_tiny", "batch_size": 8,
-      "seed": 0}
+      "batches_consumed": 30, "mixture_or_task_name": "mini_generalist_tiny", "split": "train",
+      "batch_size": 8, "seed": 0, "process_count": 1,
+      "task_feature_lengths": {"inputs": 16, "targets": 16}, "image_size": 16}
+  assert sorted(os.listdir(model_dir / "checkpoints" / "30" / "data_iterator")) == [
+      "commit_success.txt", "process_0-of-1.data-00000-of-00001", "process_0-of-1.index"]
 
 
 def test_adapter_export_holds_only_adapter_parameters(tiny_run):
@@ -109,7 +113,7 @@ def test_frozen_parameters_get_no_optimizer_state_and_never_change(tiny_run):
 
 
 def test_sigterm_saves_a_checkpoint_and_a_resumed_run_matches_an_uninterrupted_one(
-    tmp_path, data_dir, tiny_run):
+    tmp_path, data_dir, tiny_run, caplog):
   # The train binary, as a real process, continues the shared run from its step-10
   # checkpoint and gets SIGTERM once step 11 is logged: it saves and exits 0.
   straight_dir, _ = tiny_run
@@ -134,10 +138,15 @@ def test_sigterm_saves_a_checkpoint_and_a_resumed_run_matches_an_uninterrupted_o
   assert train_common.read_position(str(preempted / "checkpoints" / str(stopped)))[
       "batches_consumed"] == stopped
 
-  # Resumed here to step 20, it holds what the uninterrupted run held at step 20 (the
-  # rsqrt schedule does not depend on TRAIN_STEPS, so 1000 vs 30 changes nothing).
+  # Resumed here to step 20, from the input iterator's state the binary saved when it
+  # stopped, it holds what the uninterrupted run held at step 20 (the rsqrt schedule
+  # does not depend on TRAIN_STEPS, so 1000 vs 30 changes nothing).
+  caplog.set_level(logging.INFO)
   resumed = train(preempted, data_dir, TRAIN_STEPS=20, CHECKPOINT_PERIOD=1000)
   assert resumed.step == 20 and not resumed.preempted
+  restored = [r.getMessage() for r in caplog.records if "input iterator" in r.getMessage()]
+  assert restored == [f"Restored the input iterator's state: continuing after batch {stopped} "
+                      "without replaying"], restored
   got = train_common.read_params(str(preempted / "checkpoints" / "20"))
   want = train_common.read_params(str(straight_dir / "checkpoints" / "20"))
   assert set(got) == set(want)
@@ -156,18 +165,106 @@ def test_a_finished_run_relaunched_exits_at_once_and_writes_nothing(tmp_path, da
   assert sorted(str(p) for p in tmp_path.rglob("*")) == before
 
 
+def _tiny_train_cfg(data_dir, **overrides):
+  train_common.configure("unused", data_dir, TRAIN_STEPS=5, **overrides)
+  return gin.query_parameter("train.train_dataset_cfg").scoped_configurable_fn()
+
+
+def _assert_same_batches(got, want):
+  for got_batch, want_batch in zip(got, want, strict=True):
+    assert set(got_batch) == set(want_batch)
+    for key in want_batch:  # tokens, pixels and task ids: the same examples, in order
+      np.testing.assert_array_equal(got_batch[key], want_batch[key], err_msg=key)
+
+
 def test_a_skipped_pipeline_yields_the_batches_an_uninterrupted_one_would(data_dir):
-  train_common.configure("unused", data_dir, TRAIN_STEPS=5,
-                         MIXTURE_OR_TASK_NAME="mini_shapes_count_tiny")
-  cfg = gin.query_parameter("train.train_dataset_cfg").scoped_configurable_fn()
+  cfg = _tiny_train_cfg(data_dir, MIXTURE_OR_TASK_NAME="mini_shapes_count_tiny")
   straight = data_iterator.TrainBatches(cfg, 16, 1)
   expected = [next(straight) for _ in range(5)][3:]
   resumed = data_iterator.TrainBatches(cfg, 16, 1, batches_to_skip=3)
-  for want in expected:
-    got = next(resumed)
-    for key in want:
-      np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+  _assert_same_batches([next(resumed) for _ in expected], expected)
   assert resumed.position()["batches_consumed"] == 5
+
+
+def test_a_restored_iterator_continues_mid_epoch_with_the_batches_of_an_uninterrupted_run(
+    tmp_path, data_dir):
+  # Saved 3 batches of 8 into a task of 40 training examples (mid-epoch, mid shuffle
+  # buffer); the next 3 batches cross into its second epoch. (The trainer's own saves
+  # and restores of the mixture's state: the SIGTERM test.)
+  cfg = _tiny_train_cfg(data_dir, MIXTURE_OR_TASK_NAME="mini_shapes_count_tiny")
+  task = data_iterator.seqio.get_mixture_or_task(cfg.mixture_or_task_name)
+  assert 3 * 8 < task.source.num_input_examples("train") < 6 * 8
+  straight = data_iterator.TrainBatches(cfg, 16, 1)
+  for _ in range(3):
+    next(straight)
+  checkpointer = trainer.checkpointing.RunCheckpointer(str(tmp_path))
+  checkpointer.save(3, {"step": np.int32(3)}, straight.position(),
+                    data_iterator=straight.checkpointable)
+  expected = [next(straight) for _ in range(3)]  # while Orbax commits the step
+  checkpointer.close()
+  step_dir = str(tmp_path / "checkpoints" / "3")
+  position = train_common.read_position(step_dir)
+  resumed = data_iterator.resume(cfg, 16, 1, position, *iterator_state.locate(step_dir))
+  assert (resumed.resumed_from, resumed.batches_consumed) == ("state", 3)
+  _assert_same_batches([next(resumed) for _ in range(3)], expected)
+  assert resumed.position() == dict(position, batches_consumed=6)
+
+
+class _NoPipeline:
+  """Stands in for TrainBatches where only the resume decision is under test."""
+
+  def __init__(self, cfg, image_size, data_parallel_size, batches_to_skip=0):
+    del cfg, image_size, data_parallel_size
+    self.batches_consumed = batches_to_skip
+    self.resumed_from = "skip" if batches_to_skip else "start"
+
+  def restore(self, prefix, batches_consumed):
+    raise AssertionError(f"restored {prefix} at {batches_consumed}: it should refuse it")
+
+
+def _without_iterator_state(step_dir, tmp_path):
+  copy = tmp_path / "10"
+  shutil.copytree(step_dir, copy, ignore=shutil.ignore_patterns("data_iterator"))
+  return copy
+
+
+def _from_two_hosts(step_dir, tmp_path):
+  # What two hosts would have written: their positions say 2, their files are 0-of-2, 1-of-2.
+  copy = tmp_path / "10"
+  shutil.copytree(step_dir, copy)
+  states = copy / "data_iterator"
+  for name in os.listdir(states):
+    if name.startswith("process_0-of-1"):
+      for index in (0, 1):
+        shutil.copy(states / name, states / name.replace("0-of-1", f"{index}-of-2"))
+      os.remove(states / name)
+  position = json.loads((copy / "data" / "metadata").read_text())
+  (copy / "data" / "metadata").write_text(json.dumps(dict(position, process_count=2)))
+  return copy
+
+
+@pytest.mark.parametrize("case, overrides, edit, reason", [
+    ("missing", {}, _without_iterator_state, "the checkpoint has no input iterator state"),
+    ("task", {"MIXTURE_OR_TASK_NAME": "mini_shapes_count_tiny"}, None,
+     "mixture_or_task_name: 'mini_generalist_tiny' -> 'mini_shapes_count_tiny'"),
+    ("batch size", {"BATCH_SIZE": 16}, None, "batch_size: 8 -> 16"),
+    ("seed", {"RANDOM_SEED": 1}, None, "seed: 0 -> 1"),
+    ("host count", {}, _from_two_hosts, "process_count: 2 -> 1"),
+])
+def test_a_missing_or_foreign_iterator_state_falls_back_to_skipping_and_says_why(
+    tmp_path, data_dir, tiny_run, monkeypatch, caplog, case, overrides, edit, reason):
+  step_dir = str(tiny_run[0] / "checkpoints" / "10")
+  if edit is not None:
+    step_dir = str(edit(step_dir, tmp_path))
+  cfg = _tiny_train_cfg(data_dir, **overrides)
+  monkeypatch.setattr(data_iterator, "TrainBatches", _NoPipeline)
+  caplog.set_level(logging.WARNING)
+  batches = data_iterator.resume(cfg, 16, 1, train_common.read_position(step_dir),
+                                 *iterator_state.locate(step_dir))
+  assert (batches.resumed_from, batches.batches_consumed) == ("skip", 10), case
+  warnings = [r.getMessage() for r in caplog.records if "Not restoring" in r.getMessage()]
+  assert len(warnings) == 1 and reason in warnings[0], (case, warnings)
+  assert "Skipping the 10 consumed batches instead" in warnings[0]
 
 
 class _PoisonedBatches(data_iterator.TrainBatches):

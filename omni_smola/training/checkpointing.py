@@ -4,7 +4,11 @@ Layout under MODEL_DIR:
 
     checkpoints/<step>/state/   every parameter, the optimizer state, the step
                                 (an Orbax PyTree; `params` is what other readers use)
-    checkpoints/<step>/data/    JSON: how many batches the input pipeline consumed
+    checkpoints/<step>/data/    JSON: how many batches the input pipeline consumed,
+                                and what defines the pipeline (task, batch, seed, hosts)
+    checkpoints/<step>/data_iterator/process_<i>-of-<n>.*
+                                each process's tf.data iterator state
+                                (`iterator_state.py`; a resume continues from it)
     adapters/<step>/adapters/   the adapter parameters only, `{'params': ...}`
     best/<step>/, best/best.json
                                 the best checkpoint by average validation score
@@ -32,12 +36,14 @@ from flax import traverse_util
 from omni_smola import param_layout
 from omni_smola.checkpoints import restore as checkpoint_restore
 from omni_smola.checkpoints.restore import CheckpointMismatchError
+from omni_smola.training import iterator_state
 
 CHECKPOINTS_SUBDIR = "checkpoints"
 ADAPTERS_SUBDIR = "adapters"
 STATE_ITEM = "state"
 DATA_ITEM = "data"
 ADAPTERS_ITEM = "adapters"
+DATA_ITERATOR_ITEM = iterator_state.DATA_ITERATOR_ITEM
 
 
 @gin.configurable
@@ -53,10 +59,15 @@ class CheckpointConfig:
       best average validation score so far under `best/`, outside `keep`'s
       count (`omni_smola.training.best_checkpoint`; the paper's selection). A
       run that never evaluates keeps none and says so once.
+    save_data_iterator: save each host's input iterator state, so a resumed run
+      continues without replaying the consumed batches. The state holds the
+      shuffle buffers' encoded examples (DESIGN.md, "Resuming the input"); False
+      saves space and resumes by skipping, as before.
   """
 
   def __init__(self, period: int = 1000, keep: Optional[int] = 3, use_async: bool = True,
-               export_adapters: bool = True, keep_best: bool = True):
+               export_adapters: bool = True, keep_best: bool = True,
+               save_data_iterator: bool = True):
     if period < 1:
       raise ValueError(f"CheckpointConfig.period must be >= 1, got {period}")
     self.period = period
@@ -64,6 +75,7 @@ class CheckpointConfig:
     self.use_async = use_async
     self.export_adapters = export_adapters
     self.keep_best = keep_best
+    self.save_data_iterator = save_data_iterator
 
 
 def adapter_params(params: Mapping[str, Any]) -> Dict[str, Any]:
@@ -109,7 +121,8 @@ class RunCheckpointer:
       self._manager = ocp.CheckpointManager(
           self.directory, options=self._options(),
           item_handlers={STATE_ITEM: ocp.StandardCheckpointHandler(),
-                         DATA_ITEM: ocp.JsonCheckpointHandler()})
+                         DATA_ITEM: ocp.JsonCheckpointHandler(),
+                         DATA_ITERATOR_ITEM: iterator_state.DataIteratorHandler()})
     return self._manager
 
   def latest_step(self) -> Optional[int]:
@@ -121,13 +134,19 @@ class RunCheckpointer:
     return step % self.config.period == 0
 
   def save(self, step: int, state_tree: Mapping[str, Any], data_position: Mapping[str, Any],
-           params: Optional[Mapping[str, Any]] = None) -> None:
-    """Saves `state_tree` (TrainState.to_checkpoint) and the data position at `step`."""
+           params: Optional[Mapping[str, Any]] = None, data_iterator: Any = None) -> None:
+    """Saves `state_tree` (TrainState.to_checkpoint) and the data position at `step`.
+
+    `data_iterator` (`TrainBatches.checkpointable`), when given, is saved in the
+    same step, each process its own (unless `config.save_data_iterator` is off).
+    """
     if step in self.manager.all_steps():
       return
-    self.manager.save(step, args=ocp.args.Composite(**{
-        STATE_ITEM: ocp.args.StandardSave(state_tree),
-        DATA_ITEM: ocp.args.JsonSave(dict(data_position))}), force=True)
+    items = {STATE_ITEM: ocp.args.StandardSave(state_tree),
+             DATA_ITEM: ocp.args.JsonSave(dict(data_position))}
+    if data_iterator is not None and self.config.save_data_iterator:
+      items[DATA_ITERATOR_ITEM] = iterator_state.DataIteratorSave(data_iterator)
+    self.manager.save(step, args=ocp.args.Composite(**items), force=True)
     if self.config.export_adapters and params is not None:
       adapters = adapter_params(params)
       if adapters:
@@ -147,6 +166,10 @@ class RunCheckpointer:
         STATE_ITEM: ocp.args.StandardRestore(abstract_state),
         DATA_ITEM: ocp.args.JsonRestore()}))
     return restored[STATE_ITEM], dict(restored[DATA_ITEM] or {})
+
+  def data_iterator_state(self, step: int) -> Tuple[Optional[str], Optional[str]]:
+    """(this process's iterator state prefix in `step`, None), or (None, why none)."""
+    return iterator_state.locate(os.path.join(self.directory, str(step)))
 
   def _check_fits(self, step: int, abstract_state: Mapping[str, Any]) -> None:
     """Names every parameter whose saved shape differs (Orbax's own error does not)."""

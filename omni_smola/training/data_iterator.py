@@ -7,14 +7,20 @@
     train/DatasetConfig.seed = %RANDOM_SEED
 
 The pipeline is deterministic for a fixed seed (seqio's shuffle and mixing, and
-our preprocessors' stateless sampling, all derive from it), so the position in it
-is one number: the batches consumed. A resumed run rebuilds the pipeline and
-skips that many batches, and so sees exactly the examples it would have seen.
-Each host reads its own shard (`seqio.ShardInfo`) and yields its rows of the
-global batch; `Partitioner.global_batch` assembles them.
+our preprocessors' stateless sampling, all derive from it). A checkpoint saves
+where each host's iterator stands (`iterator_state.py`: tf.data's own iterator
+checkpoint) and the position, the batches consumed with what defines the
+pipeline. A resumed run restores the iterator and continues mid-epoch, in time
+that does not grow with the position (`resume`). When it cannot (no state, or
+the state of another pipeline), it rebuilds the pipeline and skips the
+consumed batches, with a warning naming why: that also yields exactly the
+examples an uninterrupted run would see, but pulls each consumed batch through
+the pipeline again. Each host reads its own shard (`seqio.ShardInfo`) and
+yields its rows of the global batch; `Partitioner.global_batch` assembles them.
 """
 import importlib
-from typing import Dict, Iterator, Mapping, Optional, Sequence, Union
+import json
+from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Union
 
 from absl import logging
 import gin
@@ -24,6 +30,13 @@ import seqio
 import tensorflow as tf
 
 from omni_smola.data import PaliFeatureConverter
+from omni_smola.training import iterator_state
+
+# What a checkpoint's position records about the pipeline. A change of these changes
+# which examples come in which order (neither a saved state nor a skip replays the run):
+ORDER_FIELDS = ("mixture_or_task_name", "split", "batch_size", "seed", "process_count")
+# ... and of these, the batches' shapes only (a skip still replays the examples).
+SHAPE_FIELDS = ("task_feature_lengths", "image_size")
 
 
 @gin.configurable
@@ -112,6 +125,7 @@ class TrainBatches(Iterator[Dict[str, np.ndarray]]):
       logging.warning("DatasetConfig.seed is None: the input order is not reproducible "
                       "and a resumed run will not see the examples it would have seen")
     self.cfg = cfg
+    self.image_size = image_size
     self.local_batch_size = check_batch_size(cfg.batch_size, data_parallel_size)
     dataset = model_dataset(cfg, image_size).batch(self.local_batch_size,
                                                    drop_remainder=True)
@@ -119,28 +133,112 @@ class TrainBatches(Iterator[Dict[str, np.ndarray]]):
       logging.info("Skipping the %d batches the restored run already consumed",
                    batches_to_skip)
       dataset = dataset.skip(batches_to_skip)
-    self._iterator = dataset.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
+    options = tf.data.Options()
+    # Checkpointing an iterator refuses stateful functions by default. Ours are the
+    # `tf.py_function`s of data/images.py, which decode or check one image and keep
+    # nothing between elements: there is no state to lose.
+    options.experimental_external_state_policy = (
+        tf.data.experimental.ExternalStatePolicy.IGNORE)
+    dataset = dataset.prefetch(tf.data.AUTOTUNE).with_options(options)
+    self._iterator = dataset.as_numpy_iterator()
     self.batches_consumed = batches_to_skip
+    # How this iterator got to its position: "start", "skip" or "state" (restored).
+    self.resumed_from = "skip" if batches_to_skip else "start"
 
   def __next__(self) -> Dict[str, np.ndarray]:
     batch = next(self._iterator)
     self.batches_consumed += 1
     return batch
 
+  @property
+  def checkpointable(self):
+    """The tf.data iterator, for `tf.train.Checkpoint` (`iterator_state.serialize`)."""
+    return self._iterator
+
+  def restore(self, prefix: str, batches_consumed: int) -> None:
+    """Continues where the iterator saved under `prefix` stopped (same pipeline)."""
+    iterator_state.restore(self._iterator, prefix)
+    self.batches_consumed = batches_consumed
+    self.resumed_from = "state"
+
   def position(self) -> Dict[str, object]:
-    """What a checkpoint records to resume here."""
+    """What a checkpoint records to resume here (with the iterator's state)."""
     return {"batches_consumed": self.batches_consumed,
             "mixture_or_task_name": self.cfg.mixture_or_task_name,
-            "batch_size": self.cfg.batch_size, "seed": self.cfg.seed}
+            "split": self.cfg.split, "batch_size": self.cfg.batch_size,
+            "seed": self.cfg.seed, "process_count": jax.process_count(),
+            "task_feature_lengths": dict(self.cfg.task_feature_lengths),
+            "image_size": self.image_size}
+
+
+def _now(cfg: DatasetConfig, image_size: int) -> Dict[str, object]:
+  """The pipeline's fields as a position records them (JSON types)."""
+  return json.loads(json.dumps({
+      "mixture_or_task_name": cfg.mixture_or_task_name, "split": cfg.split,
+      "batch_size": cfg.batch_size, "seed": cfg.seed, "process_count": jax.process_count(),
+      "task_feature_lengths": dict(cfg.task_feature_lengths), "image_size": image_size}))
+
+
+def pipeline_changes(position: Mapping[str, object], cfg: DatasetConfig, image_size: int,
+                     fields: Sequence[str], *, unrecorded_changed: bool) -> List[str]:
+  """'field: saved -> now' for each of `fields` that differs from the checkpoint's."""
+  now = _now(cfg, image_size)
+  changes = []
+  for field in fields:
+    if field not in position:
+      if unrecorded_changed:
+        changes.append(f"{field}: not recorded -> {now[field]!r}")
+    elif position[field] != now[field]:
+      changes.append(f"{field}: {position[field]!r} -> {now[field]!r}")
+  return changes
 
 
 def batches_to_skip(position: Mapping[str, object], cfg: DatasetConfig) -> int:
   """The batches a restored run skips; warns when the pipeline is not the saved one."""
   consumed = int(position.get("batches_consumed", 0))
-  changed = [key for key, now in (("mixture_or_task_name", cfg.mixture_or_task_name),
-                                  ("batch_size", cfg.batch_size), ("seed", cfg.seed))
-             if key in position and position[key] != now]
+  changed = pipeline_changes(position, cfg, 0, ORDER_FIELDS, unrecorded_changed=False)
   if changed:
     logging.warning("The input pipeline changed since the checkpoint (%s): skipping %d "
-                    "batches of the new one does not replay the old order", changed, consumed)
+                    "batches of the new one does not replay the old order",
+                    "; ".join(changed), consumed)
   return consumed
+
+
+def resume(cfg: DatasetConfig, image_size: int, data_parallel_size: int,
+           position: Mapping[str, object], state_prefix: Optional[str],
+           missing_reason: Optional[str] = None) -> TrainBatches:
+  """This host's batches after a restored checkpoint, from its iterator state if it can.
+
+  Args:
+    cfg, image_size, data_parallel_size: the pipeline, as for `TrainBatches`.
+    position: the checkpoint's `data` item (`TrainBatches.position()`).
+    state_prefix, missing_reason: `iterator_state.locate` of the step directory.
+  """
+  consumed = int(position.get("batches_consumed", 0))
+  # Recorded changes first: a state saved by two hosts is "missing" for one, but the
+  # host count is the reason. A field the position lacks disqualifies a state too.
+  fields = ORDER_FIELDS + SHAPE_FIELDS
+  changed = pipeline_changes(position, cfg, image_size, fields, unrecorded_changed=False)
+  if not changed and state_prefix is not None:
+    changed = pipeline_changes(position, cfg, image_size, fields, unrecorded_changed=True)
+  reason = None
+  if changed:
+    reason = f"it was saved by another input pipeline ({'; '.join(changed)})"
+  elif state_prefix is None:
+    reason = missing_reason or "the checkpoint has no input iterator state"
+  if reason is None:
+    batches = TrainBatches(cfg, image_size, data_parallel_size)
+    try:
+      batches.restore(state_prefix, consumed)
+    except (tf.errors.OpError, AssertionError, ValueError) as e:
+      reason = (f"it could not be restored ({type(e).__name__}: "
+                f"{(str(e).splitlines() or [''])[0]})")
+    else:
+      logging.info("Restored the input iterator's state: continuing after batch %d "
+                   "without replaying", consumed)
+      return batches
+  logging.warning("Not restoring the input iterator's state: %s. Skipping the %d consumed "
+                  "batches instead, which pulls each of them through the pipeline again",
+                  reason, consumed)
+  return TrainBatches(cfg, image_size, data_parallel_size,
+                      batches_to_skip=batches_to_skip(position, cfg))

@@ -206,14 +206,13 @@ def train(*, model, model_dir: str, train_dataset_cfg: data_iterator.DatasetConf
                        trainable_mode, trainable_overrides)
   rng = jax.random.PRNGKey(random_seed)
   init_rng, dropout_rng = jax.random.split(rng)
-  skip = 0
+  position = None
   if latest is not None:
     logging.info("Resuming from the checkpoint of step %d in %s", latest, checkpointer.directory)
     restored, position = checkpointer.restore(latest, _abstract_checkpoint(layout, tx))
     trainable, frozen = split_params(restored["params"], layout.mask)
     state = TrainState(step=restored["step"], trainable=trainable,
                        opt_state=restored["opt_state"])
-    skip = data_iterator.batches_to_skip(position, train_dataset_cfg)
   else:
     def fresh_params(keep=None):
       return partitioned_step.init_params(partitioner, model, init_rng,
@@ -248,8 +247,13 @@ def train(*, model, model_dir: str, train_dataset_cfg: data_iterator.DatasetConf
 
   start = int(np.asarray(jax.device_get(state.step)))
   result = TrainResult(step=start)
-  batches = data_iterator.TrainBatches(train_dataset_cfg, image_size_of(model),
-                                       partitioner.data_parallel_size, batches_to_skip=skip)
+  if position is None:
+    batches = data_iterator.TrainBatches(train_dataset_cfg, image_size_of(model),
+                                         partitioner.data_parallel_size)
+  else:
+    batches = data_iterator.resume(train_dataset_cfg, image_size_of(model),
+                                   partitioner.data_parallel_size, position,
+                                   *checkpointer.data_iterator_state(latest))
   example = next(batches)
   jitted = partitioned_step.jit_train_step(
       partitioner, step_fn, layout.state_sharding, layout.frozen_sharding,
@@ -311,7 +315,8 @@ def train(*, model, model_dir: str, train_dataset_cfg: data_iterator.DatasetConf
           logger.write(step)
         if save_now:
           saved = state.to_checkpoint(frozen)
-          checkpointer.save(step, saved, batches.position(), params=saved["params"])
+          checkpointer.save(step, saved, batches.position(), params=saved["params"],
+                            data_iterator=batches.checkpointable)
           last_saved = step
         if eval_now:
           result.eval_results[step] = evaluator.evaluate(

@@ -118,6 +118,10 @@ def read_position(step_dir: str) -> Dict[str, object]:
 
 
 SHARED_RUN_STEPS = 30
+# Bump when what the shared run writes changes: a pytest run without workers keeps it
+# beside its session directories, where a later session (and newer code) finds it.
+# 2: checkpoints hold the input iterator's state.
+SHARED_RUN_FORMAT = 2
 
 
 def shared_tiny_run(root: str, data_dir: str):
@@ -135,7 +139,7 @@ def shared_tiny_run(root: str, data_dir: str):
   with open(os.path.join(root, ".shared_tiny_run.lock"), "w") as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)
     try:
-      if not os.path.exists(done):
+      if _shared_run_format(done) != SHARED_RUN_FORMAT:
         import gin  # pylint: disable=g-import-not-at-top
         from omni_smola.training import trainer  # pylint: disable=g-import-not-at-top
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -146,10 +150,18 @@ def shared_tiny_run(root: str, data_dir: str):
         finally:
           gin.clear_config()
         with open(done + ".tmp", "w") as f:
-          json.dump({"loss_history": result.loss_history,
+          json.dump({"format": SHARED_RUN_FORMAT, "loss_history": result.loss_history,
                      "eval_results": {str(k): v for k, v in result.eval_results.items()}}, f)
         os.rename(done + ".tmp", done)
     finally:
       fcntl.flock(lock, fcntl.LOCK_UN)
   with open(done) as f:
     return run_dir, json.load(f)
+
+
+def _shared_run_format(done: str):
+  import json  # pylint: disable=g-import-not-at-top
+  if not os.path.exists(done):
+    return None
+  with open(done) as f:
+    return json.load(f).get("format")
