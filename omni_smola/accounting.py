@@ -19,9 +19,12 @@ padding; the adapters' formulas count the same tokens):
   masked implementation computes; the cross-attention keys/values run over the
   encoder's tokens (they are filed under the decoder, where their parameters are).
 
-Backbone FLOPs come from the kernels themselves (2 x tokens x kernel size) plus the
-attention scores; adapter FLOPs and a closed-form check of every adapted site's
-parameter count come from `omni_smola.nn.accounting`.
+Which tokens a projection runs on, the widths its kernel contracts and produces, and
+each attention's query and key counts are not read off names: the trace that counts
+the parameters records them from the calls (`omni_smola.trace_records`), so a renamed
+module cannot silently change a count. Backbone FLOPs come from the kernels themselves
+(2 x tokens x kernel size) plus the attention scores; adapter FLOPs and a closed-form
+check of every adapted site's parameter count come from `omni_smola.nn.accounting`.
 """
 import dataclasses
 import re
@@ -31,7 +34,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from omni_smola import param_layout
+from omni_smola import param_layout, trace_records
 from omni_smola.nn import AdapterSpec
 from omni_smola.nn import accounting as adapter_accounting
 from omni_smola.training import optimizers, partitioned_step
@@ -41,29 +44,19 @@ STACKS = ("vision", "encoder", "decoder", "embedding")
 DEFAULT_TASK_FEATURE_LENGTHS = {"inputs": 32, "targets": 32}
 REFERENCE_OPTIMIZERS = ("adafactor", "adamw")
 
-# The stack a parameter belongs to, by its '/'-joined path; first match wins.
+# The stack a parameter is filed under in reports, by its '/'-joined path; first match
+# wins. Filing is a reporting choice, not a fact of the trace, and a path no rule
+# matches is an error (never a silent misfiling); token counts come from the trace.
 STACK_RULES = (
     (r"^img(/|_projection/)", "vision"),
     (r"(^|/)encoder/", "encoder"),
     (r"(^|/)decoder/", "decoder"),
     (r"(^|/)token_embedder/", "embedding"),
 )
-# The token sequence a projection (a module path) runs on; first match wins.
-SEQUENCE_RULES = (
-    (r"(^|/)encoder_decoder_attention/(key|value)$", "encoder"),
-    (r"^img(/|_projection$)", "vision"),
-    (r"(^|/)encoder/", "encoder"),
-    (r"(^|/)decoder/", "decoder"),
-)
-# How many leading kernel axes a projection contracts (attention's `out` joins heads x kv).
-CONTRACTED_AXES = ((r"(^|/)out$", 2), (r"", 1))
 
 
 def _first_match(rules, name: str, default=None):
-  for pattern, value in rules:
-    if re.search(pattern, name):
-      return value
-  return default
+  return next((value for pattern, value in rules if re.search(pattern, name)), default)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,17 +73,10 @@ class TokenLayout:
                inputs=int(task_feature_lengths["inputs"]),
                targets=int(task_feature_lengths["targets"]))
 
-  def length(self, sequence: str) -> int:
+  def length(self, stack: str) -> int:
+    """A stack's own sequence: the per-token denominator of its FLOPs."""
     return {"vision": self.visual, "encoder": self.visual + self.inputs,
-            "decoder": self.targets}[sequence]
-
-  def group_tokens(self, sequence: str) -> Dict[str, int]:
-    """Tokens each Omni-SMoLA group applies to: all (mm), visual (vis), text (txt)."""
-    if sequence == "vision":
-      return {"mm": self.visual, "vis": self.visual, "txt": 0}
-    if sequence == "encoder":
-      return {"mm": self.visual + self.inputs, "vis": self.visual, "txt": self.inputs}
-    return {"mm": self.targets, "vis": 0, "txt": self.targets}  # decoder: text only
+            "decoder": self.targets}[stack]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,8 +100,12 @@ class Leaf:
     return self.size * np.dtype(self.dtype).itemsize
 
 
-def abstract_params(model, layout: TokenLayout):
-  """Boxed `ShapeDtypeStruct` parameters of `model` (one trace, nothing allocated)."""
+def abstract_params(model, layout: TokenLayout
+                    ) -> Tuple[Any, trace_records.TraceRecords]:
+  """Boxed `ShapeDtypeStruct` parameters of `model` (one trace, nothing allocated).
+
+  Returns them with what every projection and attention saw during that trace.
+  """
   shapes = {"encoder_input_tokens": (1, max(layout.inputs, 1)),
             "decoder_input_tokens": (1, max(layout.targets, 1))}
   if model.config.vision is not None:
@@ -123,8 +113,9 @@ def abstract_params(model, layout: TokenLayout):
     shapes["image"] = (1, size, size, 3)
   # Every jnp op is a small jit of its own; tracing those nested jits dominates the
   # trace of a large model, and eval_shape gives the same shapes without them.
-  with jax.disable_jit():
-    return partitioned_step.abstract_variables(model, shapes)["params"]
+  with jax.disable_jit(), trace_records.recording() as records:
+    params = partitioned_step.abstract_variables(model, shapes)["params"]
+  return params, records
 
 
 def _adapter_spec(model, slot: str) -> Optional[AdapterSpec]:
@@ -158,33 +149,46 @@ def classify(model, params, trainable_mask) -> List[Leaf]:
 # ------------------------------------------------------------------------- FLOPs
 
 
-def _sequence(module_path: str) -> str:
-  sequence = _first_match(SEQUENCE_RULES, module_path)
-  if sequence is None:
-    raise ValueError(f"accounting: no token sequence for {module_path!r}; extend "
-                     "SEQUENCE_RULES")
-  return sequence
+def _projection(records: trace_records.TraceRecords, module: str, size: Optional[int] = None
+                ) -> trace_records.ProjectionRecord:
+  """The traced record of projection `module` (a per-layer name), checked on its kernel."""
+  record = records.projection(module)
+  if record is None:
+    raise ValueError(f"accounting: {module!r} has a kernel but no traced projection; "
+                     "record its module in omni_smola.trace_records")
+  if size is not None and record.d_in * record.d_out != size:
+    raise ValueError(f"accounting: {module} traced {record.d_in} -> {record.d_out}, but "
+                     f"its kernel has {size} values")
+  return record
 
 
-def _widths(site: str, kernel_shape: Sequence[int]) -> Tuple[int, int]:
-  contracted = _first_match(CONTRACTED_AXES, site)
-  return (int(np.prod(kernel_shape[:contracted])), int(np.prod(kernel_shape[contracted:])))
+def _attention_layers(records: trace_records.TraceRecords, leaves: Sequence[Leaf]
+                      ) -> Dict[str, Tuple[str, trace_records.AttentionRecord]]:
+  """Every attention per layer (a scanned one was traced once): path -> (stack, record)."""
+  found = {}
+  for leaf in leaves:
+    keys = leaf.path.split("/")
+    for end in range(1, len(keys)):
+      path = "/".join(keys[:end])
+      if path not in found:
+        record = records.attention(path)
+        if record is not None:
+          found[path] = (leaf.stack, record)
+  return found
 
 
-def backbone_flops(model, leaves: Sequence[Leaf], layout: TokenLayout) -> Dict[str, int]:
+def backbone_flops(model, leaves: Sequence[Leaf], records: trace_records.TraceRecords,
+                   layout: TokenLayout) -> Dict[str, int]:
   """Forward FLOPs of the frozen network per stack: projections and attention scores."""
   flops = {stack: 0 for stack in STACKS}
-  for leaf in leaves:
-    if leaf.component != "backbone" or not leaf.path.endswith("/kernel"):
-      continue
-    module = leaf.path[:-len("/kernel")]
-    flops[leaf.stack] += 2 * layout.length(_sequence(module)) * leaf.size
-    if module.endswith("/query"):  # q.k scores and the weighted sum of values
-      attention = module[:-len("/query")]
-      width = int(np.prod(leaf.shape[1:]))  # heads x head_dim
-      queries = layout.length(_sequence(attention + "/query"))
-      keys = layout.length(_sequence(attention + "/key"))
-      flops[leaf.stack] += 2 * 2 * queries * keys * width
+  backbone = [leaf for leaf in leaves if leaf.component == "backbone"]
+  for leaf in backbone:
+    if leaf.path.endswith("/kernel"):
+      record = _projection(records, leaf.path[:-len("/kernel")], leaf.size)
+      flops[leaf.stack] += 2 * record.tokens * leaf.size
+  for stack, attention in _attention_layers(records, backbone).values():
+    # q.k scores and the weighted sum of values
+    flops[stack] += 2 * 2 * attention.query_tokens * attention.key_tokens * attention.width
   text = model.config.text
   if text.logits_via_embedding:
     flops["decoder"] += 2 * layout.targets * text.emb_dim * text.vocab_size
@@ -199,39 +203,36 @@ class AdaptedSite:
   stack: str
   d_in: int
   d_out: int
-  sequence: str
+  tokens: Mapping[str, int]  # per Omni-SMoLA group, as traced
   causal: bool
+  d_context: int
   params: Dict[str, int]  # per group, counted on the tree
   flops: Dict[str, int] = dataclasses.field(default_factory=dict)
   closed_form_params: int = 0
 
 
-def adapted_sites(model, leaves: Sequence[Leaf], layout: TokenLayout) -> List[AdaptedSite]:
+def adapted_sites(model, leaves: Sequence[Leaf], records: trace_records.TraceRecords
+                  ) -> List[AdaptedSite]:
   """Every adapted projection with its adapter's FLOPs and closed-form parameter count."""
-  kernels = {leaf.path[:-len("/kernel")]: leaf.shape for leaf in leaves
-             if leaf.component == "backbone" and leaf.path.endswith("/kernel")}
   sites: Dict[Tuple[str, str], AdaptedSite] = {}
   for leaf in leaves:
     if leaf.site is None:
       continue
     key = (leaf.site, leaf.adapter_module)
     if key not in sites:
-      d_in, d_out = _widths(leaf.site, kernels[leaf.site])
-      sequence = _sequence(leaf.site)
-      sites[key] = AdaptedSite(leaf.site, leaf.adapter_module, leaf.stack, d_in, d_out,
-                               sequence, causal=sequence == "decoder", params={})
+      record = _projection(records, leaf.site)
+      sites[key] = AdaptedSite(leaf.site, leaf.adapter_module, leaf.stack, record.d_in,
+                               record.d_out, dict(record.group_tokens), record.causal,
+                               record.d_context, params={})
     sites[key].params[leaf.component] = sites[key].params.get(leaf.component, 0) + leaf.size
   for site in sites.values():
     spec = _adapter_spec(model, site.module)
     if spec is None:
       continue
-    # Causal (decoder) sites route instance-level adapters on the encoder's mean output.
-    d_context = model.config.text.emb_dim if site.causal else site.d_in
     groups = tuple(g for g in param_layout.GROUPS if g in site.params)
     site.closed_form_params = adapter_accounting.adapter_param_count(
-        spec, site.d_in, site.d_out, groups=groups, d_context=d_context)
-    site.flops = _site_flops(spec, site, groups, layout.group_tokens(site.sequence),
-                             d_context)
+        spec, site.d_in, site.d_out, groups=groups, d_context=site.d_context)
+    site.flops = _site_flops(spec, site, groups, site.tokens, site.d_context)
   return list(sites.values())
 
 
@@ -306,9 +307,10 @@ def optimizer_summary(trainable, optimizer_name: Optional[str]) -> Dict[str, Any
 
 
 def flop_summary(model, leaves: Sequence[Leaf], sites: Sequence[AdaptedSite],
-                 layout: TokenLayout, groups: Sequence[str]) -> Dict[str, Any]:
+                 records: trace_records.TraceRecords, layout: TokenLayout,
+                 groups: Sequence[str]) -> Dict[str, Any]:
   """Forward FLOPs of one example per stack (and per token), backbone and adapters."""
-  backbone = backbone_flops(model, leaves, layout)
+  backbone = backbone_flops(model, leaves, records, layout)
   flops = {}
   for stack in STACKS:
     per_group = {g: _sum(s.flops.get(g, 0) for s in sites if s.stack == stack)
@@ -346,12 +348,12 @@ def account_model(model, task_feature_lengths: Optional[Mapping[str, int]] = Non
   """
   lengths = dict(task_feature_lengths or DEFAULT_TASK_FEATURE_LENGTHS)
   layout = TokenLayout.of(model, lengths)
-  boxed = abstract_params(model, layout)
+  boxed, records = abstract_params(model, layout)
   mask = param_layout.unbox(model.trainable_mask(boxed, trainable_mode, tuple(trainable_overrides)))
   params = param_layout.unbox(boxed)
   leaves = classify(model, params, mask)
   groups = sorted({l.component for l in leaves} - {"backbone"}, key=_component_order)
-  sites = adapted_sites(model, leaves, layout)
+  sites = adapted_sites(model, leaves, records)
   mismatches = [f"{s.site}/{s.module}: counted {sum(s.params.values())}, closed form "
                 f"{s.closed_form_params}" for s in sites
                 if _adapter_spec(model, s.module) is not None
@@ -376,7 +378,7 @@ def account_model(model, task_feature_lengths: Optional[Mapping[str, int]] = Non
       },
       "parameters": parameter_summary(leaves, groups),
       "optimizer": optimizer_summary(split_params(params, mask)[0], optimizer_name),
-      "flops": flop_summary(model, leaves, sites, layout, groups),
+      "flops": flop_summary(model, leaves, sites, records, layout, groups),
       "adapted_sites": len(sites),
       "adapted_projections": {module: sorted(s.site for s in sites if s.module == module)
                               for module in sorted({s.module for s in sites})},

@@ -196,8 +196,8 @@ def match_layer_layout(loaded: Mapping[str, Any], target_shapes: Mapping[str, tu
   if not target_stacked:
     return per_layer_loaded
   restacked = stack_layers({k: v for k, v in per_layer_loaded.items()
-                            if is_stacked(_stacked_name(k))})
-  out = {k: v for k, v in per_layer_loaded.items() if not is_stacked(_stacked_name(k))}
+                            if is_stacked(stacked_name(k))})
+  out = {k: v for k, v in per_layer_loaded.items() if not is_stacked(stacked_name(k))}
   for name, value in restacked.items():
     if name in target_stacked:
       depth, expected = np.shape(value)[0], target_shapes[name][0]
@@ -211,8 +211,12 @@ def match_layer_layout(loaded: Mapping[str, Any], target_shapes: Mapping[str, tu
   return out
 
 
-def _stacked_name(name: str) -> str:
-  """The name `name` has in the scanned layout (itself when it is in no layer)."""
+def stacked_name(name: str) -> str:
+  """The name `name` has in the scanned layout (itself when it is in no layer).
+
+  For a parameter or a module below a layer: `text/encoder/layers_3/mlp/wi_0` ->
+  `text/encoder/layers/mlp/wi_0`, what a scanned model's modules are called while traced.
+  """
   keys = name.split("/")
   return "/".join(_PER_LAYER.sub(r"\1", key) if i < len(keys) - 1 else key
                   for i, key in enumerate(keys))

@@ -3,6 +3,8 @@
 The expected numbers are written out here from the architecture, independently of
 `omni_smola.nn.accounting` (which the library reuses).
 """
+import copy
+import dataclasses
 import json
 import os
 import subprocess
@@ -12,7 +14,7 @@ import pytest
 
 from omni_smola import accounting
 from omni_smola.model import PaliModel
-from omni_smola.models import configs
+from omni_smola.models import configs, t5
 from omni_smola.nn import AdapterSpec
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -308,3 +310,56 @@ def test_paper_o48_and_mm96_cost_the_same_inference_flops():
   omni = paper_account("paper_omni_smola_o48", lengths)["flops"]["encoder"]["adapters"]
   mm = paper_account("paper_smola_mm96", lengths)["flops"]["encoder"]["adapters"]
   assert mm < omni < 1.05 * mm, (omni, mm)
+
+
+# ------------------------------------------- counts come from the trace, not from names
+
+
+def layout_free_counts(account, drop_adafactor=False):
+  """Every count of `account`; the config and the projections' names left out."""
+  counts = copy.deepcopy({k: v for k, v in account.items()
+                          if k not in ("model", "adapted_projections")})
+  if drop_adafactor:
+    for values in (counts["optimizer"]["state_bytes"], counts["optimizer"]["state_values"]):
+      del values["adafactor"]
+  return counts
+
+
+def test_scanned_and_unrolled_models_give_identical_accounts(tiny_account):
+  spec = AdapterSpec(kind="omni_smola", rank=RANK, slots_per_expert=SLOTS,
+                     experts_per_group=EXPERTS)
+  tiny = configs.get_config("tiny")
+  scanned = dataclasses.replace(tiny, text=dataclasses.replace(tiny.text, scan_layers=True),
+                                vision=dataclasses.replace(tiny.vision, scan_layers=True))
+  account = accounting.account_model(PaliModel(scanned, spec), LENGTHS, "adapters",
+                                     optimizer_name="adamw")
+  # Adafactor keeps placeholders per array, and a scanned stack is one array per kernel:
+  # its state is counted on the arrays the model has, so only it may differ.
+  assert layout_free_counts(account, True) == layout_free_counts(tiny_account, True)
+  assert account["adapted_projections"] == tiny_account["adapted_projections"]
+
+
+class CrossAttentionRenamed(t5.DecoderLayer):
+  """The decoder layer with its cross-attention under a name no rule table knows."""
+
+  def attention(self, name, **kw):
+    if name == "encoder_decoder_attention":
+      name = "cross_attention"
+    return super().attention(name, **kw)
+
+
+def test_a_renamed_cross_attention_still_runs_on_the_encoders_tokens(tiny_account,
+                                                                    monkeypatch):
+  monkeypatch.setattr(t5, "DecoderLayer", CrossAttentionRenamed)
+  spec = AdapterSpec(kind="omni_smola", rank=RANK, slots_per_expert=SLOTS,
+                     experts_per_group=EXPERTS)
+  account = accounting.account_model(PaliModel("tiny", spec), LENGTHS, "adapters",
+                                     optimizer_name="adamw")
+  sites = account["adapted_projections"]["adapter"]
+  assert "text/decoder/layers_0/cross_attention/key" in sites
+  assert not any("encoder_decoder_attention" in site for site in sites)
+  # The decoder's own tokens are text; only the cross-attention's keys and values see
+  # the encoder's visual tokens. Filed by name, the renamed keys and values would run on
+  # the decoder's tokens: no `vis` FLOPs, and fewer backbone FLOPs and attention scores.
+  assert account["flops"]["decoder"]["adapters_by_group"]["vis"] > 0
+  assert layout_free_counts(account) == layout_free_counts(tiny_account)
