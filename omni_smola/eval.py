@@ -84,16 +84,7 @@ def evaluate(*, model, dataset_cfg: data_iterator.DatasetConfig, checkpoint_path
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise SystemExit(f"unexpected arguments: {argv[1:]}")
-  launching.initialize_from_flags()
-
-  def run():
-    launching.parse_gin_from_flags()
-    launching.start_log_file(launching.macro_value("EVAL_OUTPUT_DIR"), "eval")
-    return evaluate()
-
-  results = launching.exit_on_user_error(run)
+  results = launching.run_configured(argv, "eval", "EVAL_OUTPUT_DIR", evaluate)
   if jax.process_index() == 0:
     steps = sorted(results)
     print(tables.format_table({f"step {step}": results[step] for step in steps},

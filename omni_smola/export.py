@@ -197,17 +197,10 @@ def export(*, model, checkpoint_path: str, output_dir: str, merge: bool = False,
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise SystemExit(f"unexpected arguments: {argv[1:]}")
-  launching.initialize_from_flags()
-
-  def run():
-    launching.parse_gin_from_flags()
-    # Not in EXPORT_DIR, which must stay empty until the export is renamed into place.
-    launching.start_log_file(None, "export")
-    return export(merge=FLAGS.merge, peft=FLAGS.peft, overwrite=FLAGS.overwrite)
-
-  record = launching.exit_on_user_error(run)
+  # The log is not in EXPORT_DIR, which must stay empty until the export is renamed in.
+  record = launching.run_configured(
+      argv, "export", None,
+      lambda: export(merge=FLAGS.merge, peft=FLAGS.peft, overwrite=FLAGS.overwrite))
   print(json.dumps(record, sort_keys=True), flush=True)
 
 

@@ -239,13 +239,7 @@ def infer(*, model, checkpoint_path: str, images: Sequence[str], task: Optional[
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise SystemExit(f"unexpected arguments: {argv[1:]}")
-  launching.initialize_from_flags()
-
   def run():
-    launching.parse_gin_from_flags()
-    launching.start_log_file(launching.macro_value("INFER_OUTPUT_DIR"), "infer")
     overrides = {}
     if FLAGS.decoding:
       overrides["decoding"] = FLAGS.decoding
@@ -256,7 +250,7 @@ def main(argv):
     return infer(images=FLAGS.image, prompt=FLAGS.prompt, question=FLAGS.question,
                  **overrides)
 
-  texts = launching.exit_on_user_error(run)
+  texts = launching.run_configured(argv, "infer", "INFER_OUTPUT_DIR", run)
   if jax.process_index() == 0:
     for image, text in zip(FLAGS.image, texts):
       print(f"{image}\t{text}", flush=True)

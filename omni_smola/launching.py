@@ -20,7 +20,7 @@ import os
 import re
 import sys
 import tempfile
-from typing import Iterable, List, Optional, Sequence
+from typing import Any, Callable, Iterable, List, Optional, Sequence
 
 from absl import flags
 from absl import logging
@@ -233,6 +233,26 @@ def user_errors() -> tuple:
   return (GinConfigError, FlagError, FileNotFoundError, CheckpointMismatchError,
           AdapterConfigError, UnknownTaskError, NonFiniteLossError, MissingSettingError,
           NothingToMergeError, OutputExistsError)
+
+
+def run_configured(argv: Sequence[str], binary: str, log_dir_macro: Optional[str],
+                   fn: Callable[[], Any]) -> Any:
+  """A gin-configured binary's body: flags, gin, its log file, then `fn()`.
+
+  The log file goes to the directory the macro `log_dir_macro` names (None: the
+  temporary log directory, `start_log_file`). A configuration or input error exits 1
+  with its message (`exit_on_user_error`); the result of `fn` is returned.
+  """
+  if len(argv) > 1:
+    raise SystemExit(f"unexpected arguments: {argv[1:]}")
+  initialize_from_flags()
+
+  def run():
+    parse_gin_from_flags()
+    start_log_file(macro_value(log_dir_macro) if log_dir_macro else None, binary)
+    return fn()
+
+  return exit_on_user_error(run)
 
 
 def _is_missing_binding(error: Exception) -> bool:

@@ -22,16 +22,7 @@ FLAGS = launching.FLAGS
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise SystemExit(f"unexpected arguments: {argv[1:]}")
-  launching.initialize_from_flags()
-
-  def run():
-    launching.parse_gin_from_flags()
-    launching.start_log_file(launching.macro_value("MODEL_DIR"), "train")
-    return trainer.train()
-
-  result = launching.exit_on_user_error(run)
+  result = launching.run_configured(argv, "train", "MODEL_DIR", trainer.train)
   if result.preempted:
     logging.warning("Stopped by preemption at step %d; relaunch to resume", result.step)
 
