@@ -25,6 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from omni_smola import param_layout
 from omni_smola import partitioning
+from omni_smola.training import microbatches
 from omni_smola.training.train_state import Params, TrainState, merge_params
 
 NONFINITE_POLICIES = ("stop", "skip")
@@ -92,16 +93,20 @@ def train_state_sharding(partitioner: Partitioner, trainable_sharding, opt_shard
 
 def make_train_step(model, tx: optax.GradientTransformation,
                     learning_rate: Callable[[jnp.ndarray], jnp.ndarray],
-                    on_nonfinite: str = "stop") -> Callable:
+                    on_nonfinite: str = "stop", num_microbatches: int = 1) -> Callable:
   """`step(state, frozen, batch, rng) -> (state, metrics)`; metrics are sums.
 
   Gradients are taken with respect to `state.trainable` only; `frozen` is closed
   over by the loss, never differentiated. With `on_nonfinite='skip'` a step whose
   loss or gradient is not finite leaves parameters and optimizer state unchanged
   (the step counter still advances, so the data position stays consistent).
+  `num_microbatches` > 1 accumulates the gradient over that many slices of the
+  batch (`microbatches.accumulated_gradients`): the full batch's update in a
+  microbatch's activation memory.
   """
   if on_nonfinite not in NONFINITE_POLICIES:
     raise ValueError(f"on_nonfinite={on_nonfinite!r} is not one of {NONFINITE_POLICIES}")
+  factor = microbatches.loss_normalizing_factor(model, num_microbatches)
 
   def train_step(state: TrainState, frozen: Params, batch, rng):
     dropout_rng = jax.random.fold_in(rng, state.step)
@@ -109,7 +114,11 @@ def make_train_step(model, tx: optax.GradientTransformation,
     def loss_of(trainable):
       return model.loss_fn(merge_params(trainable, frozen), batch, dropout_rng)
 
-    (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(state.trainable)
+    if num_microbatches == 1:
+      (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(state.trainable)
+    else:
+      loss, metrics, grads = microbatches.accumulated_gradients(
+          model, factor, state.trainable, frozen, batch, dropout_rng, num_microbatches)
     updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)
     grad_norm = optax.tree.norm(grads)

@@ -29,7 +29,7 @@ import numpy as np
 
 from omni_smola import param_layout
 from omni_smola.training import best_checkpoint, checkpointing, data_iterator, faults
-from omni_smola.training import metrics_logging
+from omni_smola.training import metrics_logging, microbatches
 from omni_smola.training import optimizers, partitioned_step
 from omni_smola.training.train_state import (TrainState, count_parameters, merge_params,
                                              split_params)
@@ -113,11 +113,13 @@ def _abstract_checkpoint(layout: _Layout, tx) -> Dict[str, Any]:
 
 
 def _validate(model_dir, train_dataset_cfg, infer_eval_dataset_cfg, train_steps,
-              initial_checkpoint_path, resuming) -> None:
+              initial_checkpoint_path, resuming, num_microbatches=1) -> None:
   if not model_dir:
     raise MissingSettingError("MODEL_DIR is not set: pass --gin.MODEL_DIR=/path/to/run")
   if not isinstance(train_steps, int) or train_steps < 1:
     raise MissingSettingError(f"TRAIN_STEPS must be a positive integer, got {train_steps!r}")
+  microbatches.check_num_microbatches(num_microbatches, train_dataset_cfg.batch_size,
+                                      jax.process_count(), "host")
   data_iterator.check_registered(train_dataset_cfg.mixture_or_task_name,
                                  train_dataset_cfg.module)
   if infer_eval_dataset_cfg is not None:
@@ -154,6 +156,7 @@ def train(*, model, model_dir: str, train_dataset_cfg: data_iterator.DatasetConf
           log_period: int = 10,
           random_seed: int = 0,
           on_nonfinite_loss: str = "stop",
+          num_microbatches: int = 1,
           callbacks: Sequence[Callable[[int], None]] = ()) -> TrainResult:
   """Trains `model` on `train_dataset_cfg` for `train_steps` steps (resuming if it can).
 
@@ -181,6 +184,9 @@ def train(*, model, model_dir: str, train_dataset_cfg: data_iterator.DatasetConf
     log_period: steps between metric logs.
     random_seed: RANDOM_SEED: parameter initialisation and dropout.
     on_nonfinite_loss: 'stop' (raise `NonFiniteLossError`) or 'skip' the update.
+    num_microbatches: NUM_MICROBATCHES: accumulate each step's gradient over this
+      many slices of the batch (`microbatches.py`; the same update, less
+      activation memory); it must divide the per-host and per-device batch.
     callbacks: called with the step number after every step (not gin-bound).
   """
   optimizer = optimizer if optimizer is not None else optimizers.create_optimizer()
@@ -188,7 +194,8 @@ def train(*, model, model_dir: str, train_dataset_cfg: data_iterator.DatasetConf
   checkpointer = checkpointing.RunCheckpointer(model_dir or "", checkpoint_cfg)
   latest = checkpointer.latest_step() if model_dir else None
   _validate(model_dir, train_dataset_cfg, infer_eval_dataset_cfg, train_steps,
-            initial_checkpoint_path, resuming=latest is not None)
+            initial_checkpoint_path, resuming=latest is not None,
+            num_microbatches=num_microbatches)
   if latest is not None and latest >= train_steps:
     # Before building anything: a finished run relaunched (a second `make demo`, a pod
     # job restarted after its last step) exits at once instead of restoring its state.
@@ -198,9 +205,11 @@ def train(*, model, model_dir: str, train_dataset_cfg: data_iterator.DatasetConf
     return TrainResult(step=latest)
   partitioner = partitioner if partitioner is not None else partitioned_step.Partitioner()
   data_iterator.check_batch_size(train_dataset_cfg.batch_size, partitioner.data_parallel_size)
+  microbatches.check_num_microbatches(num_microbatches, train_dataset_cfg.batch_size,
+                                      partitioner.data_parallel_size, "device")
   tx = optimizer.tx
   step_fn = partitioned_step.make_train_step(model, tx, optimizer.learning_rate,
-                                             on_nonfinite_loss)
+                                             on_nonfinite_loss, num_microbatches)
 
   layout = plan_layout(model, partitioner, tx, input_shapes(model, train_dataset_cfg),
                        trainable_mode, trainable_overrides)
