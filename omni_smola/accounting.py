@@ -26,6 +26,7 @@ module cannot silently change a count. Backbone FLOPs come from the kernels them
 (2 x tokens x kernel size) plus the attention scores; adapter FLOPs and a closed-form
 check of every adapted site's parameter count come from `omni_smola.nn.accounting`.
 """
+import contextlib
 import dataclasses
 import re
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -112,8 +113,13 @@ def abstract_params(model, layout: TokenLayout
     size = model.config.vision.image_size
     shapes["image"] = (1, size, size, 3)
   # Every jnp op is a small jit of its own; tracing those nested jits dominates the
-  # trace of a large model, and eval_shape gives the same shapes without them.
-  with jax.disable_jit(), trace_records.recording() as records:
+  # trace of a large unrolled model, and eval_shape gives the same shapes without them.
+  # A scan must stay jitted: without jit it runs its body once per layer, eagerly
+  # (pali3 scanned: 1.6 s jitted, 19.7 s with jit disabled).
+  vision = model.config.vision
+  scanned = model.config.text.scan_layers or (vision is not None and vision.scan_layers)
+  no_jit = contextlib.nullcontext() if scanned else jax.disable_jit()
+  with no_jit, trace_records.recording() as records:
     params = partitioned_step.abstract_variables(model, shapes)["params"]
   return params, records
 
