@@ -17,14 +17,15 @@ from omni_smola.models import configs
 from omni_smola.nn import AdapterSpec
 
 TINY = configs.CONFIGS["tiny"]
-# Sequence routing, every group, the ViT adapted too: each stack carries routed adapters.
+# Sequence routing, every group: the text stacks carry routed adapters; the (scanned) ViT's
+# output reaches every encoder statistic through the visual tokens.
 SPEC = AdapterSpec(kind="omni_smola", rank=2, experts_per_group={"mm": 2, "vis": 2, "txt": 2})
 
 
 def _config(scan: bool, **text_fields):
   return dataclasses.replace(
       TINY, text=dataclasses.replace(TINY.text, scan_layers=scan, **text_fields),
-      vision=dataclasses.replace(TINY.vision, scan_layers=scan, adapt=True))
+      vision=dataclasses.replace(TINY.vision, scan_layers=scan))
 
 
 def _flat(params):
@@ -44,31 +45,39 @@ def pair():
   return unrolled, scanned, batch, params, stacked
 
 
-def test_scanned_parameters_are_the_unrolled_ones_stacked_on_a_leading_layer_axis(pair):
+@pytest.fixture(scope="module")
+def boxes(pair):
+  """The boxed abstract parameters of (unrolled, scanned): one trace each."""
   unrolled, scanned, batch, _, _ = pair
-  flat = {k: v.value.shape for k, v in _flat(param_shapes(scanned, batch)).items()}
-  expected = {k: v.value.shape for k, v in _flat(param_shapes(unrolled, batch)).items()}
+  return param_shapes(unrolled, batch), param_shapes(scanned, batch)
+
+
+def test_scanned_parameters_are_the_unrolled_ones_stacked_on_a_leading_layer_axis(boxes):
+  unrolled_boxes, scanned_boxes = boxes
+  flat = {k: v.value.shape for k, v in _flat(scanned_boxes).items()}
+  expected = {k: v.value.shape for k, v in _flat(unrolled_boxes).items()}
   assert param_layout.stack_layers({k: np.zeros(s) for k, s in expected.items()}).keys() == (
       flat.keys())
   depth = TINY.text.num_encoder_layers
   assert flat["text/encoder/layers/mlp/wi_0/kernel"] == (depth, TINY.text.emb_dim,
                                                        TINY.text.mlp_dim)
-  assert flat["img/Transformer/encoderblock/MlpBlock_0/Dense_0/adapter/mm/router/scale"][0] == (
-      TINY.vision.depth)
-  boxes = _flat(param_shapes(scanned, batch))
-  assert boxes["text/decoder/layers/mlp/wo/kernel"].names == ("layers", "mlp", "embed")
+  assert flat["text/encoder/layers/mlp/wi_0/adapter/mm/router/scale"][0] == depth
+  assert flat["img/Transformer/encoderblock/MlpBlock_0/Dense_0/kernel"][0] == TINY.vision.depth
+  assert _flat(scanned_boxes)["text/decoder/layers/mlp/wo/kernel"].names == (
+      "layers", "mlp", "embed")
 
 
 def test_scanned_and_unrolled_models_agree_on_per_layer_routing_statistics(pair):
   unrolled, scanned, batch, params, stacked = pair
   batch = dict(batch, **{collect.ROW_VALID: np.ones(2, bool)})
-  got = collect.routing_statistics(scanned, stacked, batch)
-  expected = collect.routing_statistics(unrolled, params, batch)
+  statistics = jax.jit(collect.routing_statistics, static_argnums=0)
+  got = statistics(scanned, stacked, batch)
+  expected = statistics(unrolled, params, batch)
   assert got.keys() == expected.keys()
   assert any(k.startswith("text/decoder/layers_1/") for k in got)
-  assert any(k.startswith("img/Transformer/encoderblock_1/") for k in got)
-  # Every statistic depends on the forward pass up to its layer (the image tower's reach
-  # the text encoder's); a scan orders some float sums differently: agreement to noise.
+  assert any(k.startswith("text/encoder/layers_1/") and "|vis|" in k for k in got)
+  # Every statistic depends on the forward pass up to its layer (the scanned image tower's
+  # reach the text encoder's); a scan orders some float sums differently: agreement to noise.
   for key in expected:
     np.testing.assert_allclose(got[key], expected[key], rtol=1e-4, atol=1e-5, err_msg=key)
 
@@ -97,13 +106,13 @@ def test_scanned_and_unrolled_models_agree_on_gradients_and_cached_decoding():
     np.testing.assert_array_equal(got_tokens, expected_tokens)
 
 
-def test_a_per_layer_checkpoint_loads_into_a_scanned_model_and_back(pair):
-  unrolled, scanned, batch, params, stacked = pair
-  abstract = nn.unbox(param_shapes(scanned, batch))
-  loaded = load_pretrained(abstract, params)  # per-layer arrays into the scanned layout
+def test_a_per_layer_checkpoint_loads_into_a_scanned_model_and_back(pair, boxes):
+  _, _, _, params, stacked = pair
+  unrolled_boxes, scanned_boxes = boxes
+  loaded = load_pretrained(nn.unbox(scanned_boxes), params)  # per-layer into scanned
   for name, value in _flat(stacked).items():
     np.testing.assert_array_equal(_flat(loaded)[name], value, err_msg=name)
-  back = load_pretrained(nn.unbox(param_shapes(unrolled, batch)), stacked)
+  back = load_pretrained(nn.unbox(unrolled_boxes), stacked)
   for name, value in _flat(params).items():
     np.testing.assert_array_equal(_flat(back)[name], value, err_msg=name)
 
