@@ -14,13 +14,20 @@ runs/specialist.gin's slot for a specialist) and writes EXPORT_DIR:
                              `eval` reads), with the adapters that could not be merged
   peft/<slot>/               --peft: each LoRA slot of the text model in peft's format
                              (adapter_model.safetensors, adapter_config.json)
+  adapters/<slot>.{safetensors,json}
+                             each slot left unmerged that depends on the input (SMoLA,
+                             Omni-SMoLA, MixLoRA, MoLE; with --adapters, every slot not
+                             merged), in our layout (`checkpoints/adapter_export.py`)
   export.json                what was merged, kept and exported
 
 `--merge` folds every LoRA slot into the kernels (`checkpoints/merge.py`); SMoLA,
 Omni-SMoLA, MixLoRA and MoLE slots depend on the input and are kept (a log line names
 each), so text/ and vision/ then hold the backbone with the LoRA merged and without
-them. `--peft` keeps the LoRA apart, for `peft.PeftModel.from_pretrained`. A model
-with adapters needs one of the two. EXPORT_DIR must be absent or empty unless
+them; those slots are written to adapters/ too. `--peft` keeps the LoRA apart, for
+`peft.PeftModel.from_pretrained`. `--adapters` writes the slots in our own layout
+(adapters/), which needs no merge: the mode for a model without LoRA (an Omni-SMoLA
+model); with `--merge` it changes nothing. A model with adapters needs one of the
+three. EXPORT_DIR must be absent or empty unless
 `--overwrite`; it is written in a temporary directory beside it and renamed into place
 at the end, so a failed export leaves nothing half-written.
 """
@@ -44,17 +51,21 @@ import numpy as np
 
 from omni_smola import launching
 from omni_smola import param_layout
-from omni_smola.checkpoints import hf_export, peft_export, restore, staging
-from omni_smola.checkpoints.merge import merge_lora
+from omni_smola.checkpoints import adapter_export, hf_export, peft_export, restore, staging
+from omni_smola.checkpoints.merge import MERGEABLE_KINDS, merge_lora
 from omni_smola.checkpoints.tree import Flat, flatten, unflatten
 from omni_smola.nn.adapter_plan import AdapterPlan
 
 flags.DEFINE_bool("merge", False, "Fold every LoRA adapter into the frozen kernels.")
 flags.DEFINE_bool("peft", False, "Write the text model's LoRA adapters in peft's format.")
+flags.DEFINE_bool("adapters", False, "Write the adapter slots not merged in our own layout "
+                  "(adapters/<slot>.safetensors, .json); done for every input-dependent slot "
+                  "with --merge too.")
 flags.DEFINE_bool("overwrite", False, "Replace a non-empty EXPORT_DIR.")
 FLAGS = flags.FLAGS
 
 MERGED_SUBDIR = "merged"
+ADAPTERS_SUBDIR = "adapters"
 RECORD_NAME = "export.json"
 
 
@@ -66,9 +77,14 @@ def _describe(slots: Mapping[str, str]) -> str:
   return ", ".join(f"{slot}: {kind}" for slot, kind in slots.items())
 
 
-def check_modes(plan: AdapterPlan, merge: bool, peft: bool) -> None:
+def check_modes(plan: AdapterPlan, merge: bool, peft: bool, adapters: bool = False) -> None:
   """Raises FlagError, naming the flags or slots, for a mode that cannot work."""
   slots = _residual_slots(plan)
+  if adapters and not slots:
+    raise launching.FlagError("--adapters: the model has no adapter to export")
+  if merge and slots and not any(k in MERGEABLE_KINDS for k in slots.values()):
+    raise launching.FlagError(f"--merge: the model has no LoRA to merge ({_describe(slots)}); "
+                              "use --adapters to export its adapters in our layout")
   if merge and peft:
     raise launching.FlagError("--merge and --peft exclude each other: --merge folds the "
                               "LoRA into the kernels, --peft keeps it apart")
@@ -79,9 +95,10 @@ def check_modes(plan: AdapterPlan, merge: bool, peft: bool) -> None:
     if other:
       raise launching.FlagError(f"--peft: peft's format holds LoRA only, and the model has "
                                 f"{_describe(other)}; use --merge (it keeps them)")
-  elif slots and not merge:
+  elif slots and not merge and not adapters:
     raise launching.FlagError(f"the model has adapters ({_describe(slots)}): pass --merge "
-                              "to fold LoRA into the kernels, or --peft for peft's format")
+                              "to fold LoRA into the kernels, or --peft for peft's format, "
+                              "or --adapters for our own layout (adapters/)")
 
 
 def _check_slots_present(path: str, loaded: Flat, plan: AdapterPlan) -> None:
@@ -134,20 +151,21 @@ def _save_orbax(directory: str, flat: Flat) -> None:
 
 
 def export_params(flat: Mapping[str, Any], config, plan: AdapterPlan, output_dir: str, *,
-                  merge: bool = False, peft: bool = False, overwrite: bool = False,
-                  source: str = "") -> Dict[str, Any]:
+                  merge: bool = False, peft: bool = False, adapters: bool = False,
+                  overwrite: bool = False, source: str = "") -> Dict[str, Any]:
   """Writes `flat` (the model's parameters, our layout) to `output_dir`; returns the record.
 
   `config` is the model's `PaliConfig`; `plan` its `AdapterPlan`. See the module
   docstring for the files and the modes.
   """
-  check_modes(plan, merge, peft)
+  check_modes(plan, merge, peft, adapters)
   staging.check_output_dir(os.path.abspath(output_dir), overwrite)
   has_vision = config.vision is not None
   # Everything below is per layer (HF and peft name layers one by one); a scanned model's
   # stacks are split here, and merged/ loads back into either layout (restore converts).
   flat = param_layout.unstack_layers({name: np.asarray(value) for name, value in flat.items()})
-  record: Dict[str, Any] = {"checkpoint": source, "merged": {}, "kept": {}, "peft": []}
+  record: Dict[str, Any] = {"checkpoint": source, "merged": {}, "kept": {}, "peft": [],
+                            "adapters": []}
   if merge:
     result = merge_lora(flat, plan)
     flat, plan = result.params, result.plan
@@ -171,36 +189,46 @@ def export_params(flat: Mapping[str, Any], config, plan: AdapterPlan, output_dir
         peft_export.write_peft_adapter(os.path.join(out, "peft", slot), tensors,
                                        adapter_config)
         record["peft"].append(slot)
+    # The slots no HF file holds (input-dependent ones), or with --adapters every slot left.
+    unmerged = [slot for slot, spec in plan.items()
+                if spec.adds_residual and (adapters or spec.kind not in MERGEABLE_KINDS)]
+    if unmerged and (merge or adapters):
+      record["adapters"] = adapter_export.write_adapters(
+          os.path.join(out, ADAPTERS_SUBDIR), flat, plan, unmerged)
     if merge:
       _save_orbax(os.path.join(out, MERGED_SUBDIR), flat)
     with open(os.path.join(out, RECORD_NAME), "w") as f:
       json.dump(record, f, indent=2, sort_keys=True)
   if record["kept"]:
     logging.info("text/ and vision/ hold the backbone with the LoRA merged, without the kept "
-                 "adapters (%s); %s/ has them", _describe(record["kept"]), MERGED_SUBDIR)
+                 "adapters (%s); %s/ and %s/ have them", _describe(record["kept"]),
+                 MERGED_SUBDIR, ADAPTERS_SUBDIR)
   logging.info("Exported %s to %s", source or "the parameters", output_dir)
   return record
 
 
 @gin.configurable(module="omni_smola.export")
 def export(*, model, checkpoint_path: str, output_dir: str, merge: bool = False,
-           peft: bool = False, overwrite: bool = False) -> Dict[str, Any]:
+           peft: bool = False, adapters: bool = False, overwrite: bool = False
+           ) -> Dict[str, Any]:
   """Restores `checkpoint_path` into `model` and exports it (see the module docstring)."""
   if not output_dir:
     raise launching.FlagError("EXPORT_DIR is not set")
   # Bad flags and an occupied output stop before the checkpoint is read.
-  check_modes(model.adapters, merge, peft)
+  check_modes(model.adapters, merge, peft, adapters)
   staging.check_output_dir(os.path.abspath(output_dir), overwrite)
   flat = restore_flat(model, checkpoint_path)
   return export_params(flat, model.config, model.adapters, output_dir, merge=merge,
-                       peft=peft, overwrite=overwrite, source=checkpoint_path)
+                       peft=peft, adapters=adapters, overwrite=overwrite,
+                       source=checkpoint_path)
 
 
 def main(argv):
   # The log is not in EXPORT_DIR, which must stay empty until the export is renamed in.
   record = launching.run_configured(
       argv, "export", None,
-      lambda: export(merge=FLAGS.merge, peft=FLAGS.peft, overwrite=FLAGS.overwrite))
+      lambda: export(merge=FLAGS.merge, peft=FLAGS.peft, adapters=FLAGS.adapters,
+                     overwrite=FLAGS.overwrite))
   print(json.dumps(record, sort_keys=True), flush=True)
 
 
