@@ -43,6 +43,9 @@ flags.DEFINE_integer("pretrain_steps", None, "Overrides the backbone's TRAIN_STE
 flags.DEFINE_integer("generalist_steps", None, "Overrides the generalists' TRAIN_STEPS.")
 flags.DEFINE_integer("eval_examples", None, "Overrides EVAL_NUM_EXAMPLES (per task).")
 flags.DEFINE_string("data_config", "full", "Mini dataset config: 'full' or 'tiny'.")
+flags.DEFINE_integer("experts_per_group", None,
+                     "Overrides Omni-SMoLA's experts per group (mm, vis, txt); the gin file "
+                     "says 16.")
 FLAGS = flags.FLAGS
 
 # (run name, experiment, adapters include for evaluation, label in the table)
@@ -63,14 +66,20 @@ def _configure(gin_files: Sequence[str], bindings: Dict[str, object]) -> None:
                       [launching.REPO_GIN_CONFIGS])
 
 
-def _data_bindings() -> Dict[str, object]:
+def _run_bindings() -> Dict[str, object]:
+  """What the flags change in every phase: the data config, the experts per group."""
+  bindings = {}
   if FLAGS.data_config == "tiny":
-    return {"MIXTURE_OR_TASK_NAME": "mini_generalist_tiny"}
-  return {}
+    bindings["MIXTURE_OR_TASK_NAME"] = "mini_generalist_tiny"
+  if FLAGS.experts_per_group:
+    experts = FLAGS.experts_per_group
+    bindings["omni_smola.nn.adapter_spec.AdapterSpec.experts_per_group"] = {
+        "mm": experts, "vis": experts, "txt": experts}
+  return bindings
 
 
 def _train(name: str, experiment: str, run_dir: str, steps: Optional[int]) -> None:
-  bindings = {"MODEL_DIR": os.path.join(run_dir, name), **_data_bindings()}
+  bindings = {"MODEL_DIR": os.path.join(run_dir, name), **_run_bindings()}
   if name != "backbone":
     bindings["INITIAL_CHECKPOINT_PATH"] = os.path.join(run_dir, "backbone")
   if steps:
@@ -89,7 +98,7 @@ def _evaluate(name: str, adapters: str,
   """
   output_dir = os.path.join(run_dir, name, "eval")
   bindings = {"CHECKPOINT_PATH": os.path.join(run_dir, name),
-              "EVAL_OUTPUT_DIR": output_dir, **_data_bindings()}
+              "EVAL_OUTPUT_DIR": output_dir, **_run_bindings()}
   if FLAGS.eval_examples:
     bindings["EVAL_NUM_EXAMPLES"] = FLAGS.eval_examples
   step = checkpointing.step_of(checkpointing.resolve_checkpoint(bindings["CHECKPOINT_PATH"]))

@@ -19,7 +19,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASKS = ("digits_qa", "photo_caption", "photo_qa", "shapes_caption", "shapes_color_qa",
          "shapes_count", "shapes_spatial_qa", "text_caption", "text_read")
 COLUMNS = ("backbone", "LoRA", "Omni-SMoLA")
-DEMO_FLAGS = "--data_config=tiny --pretrain_steps=2 --generalist_steps=2 --eval_examples=2"
+DEMO_FLAGS = ("--data_config=tiny --pretrain_steps=2 --generalist_steps=2 --eval_examples=2 "
+              "--experts_per_group=2")
 # A terminal log line (console.TERMINAL_FORMAT): level, date, time, the file that logged it.
 LOG_LINE = re.compile(r"^[IWEF]\d{4} [\d:]+ ([\w.]+):\d+\] ")
 
