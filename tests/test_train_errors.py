@@ -72,21 +72,31 @@ def test_missing_initial_checkpoint_names_the_path_and_writes_nothing(tmp_path, 
   assert not model_dir.exists()
 
 
+def _zero_params_of_the_configured_model():
+  """Zeros shaped like the parameters of gin's `train.model` (tiny shapes, no init)."""
+  model = gin.query_parameter("train.model").scoped_configurable_fn()
+  abstract = partitioned_step.abstract_variables(
+      model, {"encoder_input_tokens": (1, 4), "decoder_input_tokens": (1, 4),
+              "image": (1, 16, 16, 3)})
+  return jax.tree_util.tree_map(lambda x: np.zeros(x.shape, x.dtype),
+                                param_layout.unbox(abstract["params"]))
+
+
+def _save_backbone(checkpoint, params):
+  """`params` without their adapters, as an Orbax backbone checkpoint at `checkpoint`."""
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(checkpoint, {"params": _without_adapters(params)})
+  return checkpoint
+
+
 def test_a_checkpoint_that_does_not_fit_names_the_parameter_and_both_shapes(
     tmp_path, data_dir):
   # A backbone whose embedding has 512 rows (the tiny config's own vocabulary) while the
   # model, configured for the mini vocabulary, has 1024.
   train_common.configure(str(tmp_path / "run"), data_dir, TRAIN_STEPS=2)
-  model = gin.query_parameter("train.model").scoped_configurable_fn()
-  abstract = partitioned_step.abstract_variables(
-      model, {"encoder_input_tokens": (1, 4), "decoder_input_tokens": (1, 4),
-              "image": (1, 16, 16, 3)})
-  backbone = jax.tree_util.tree_map(lambda x: np.zeros(x.shape, x.dtype),
-                                    param_layout.unbox(abstract["params"]))
+  backbone = _zero_params_of_the_configured_model()
   backbone["text"]["token_embedder"]["embedding"] = np.zeros((512, 32), np.float32)
-  checkpoint = tmp_path / "backbone"
-  with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(checkpoint, {"params": _without_adapters(backbone)})
+  checkpoint = _save_backbone(tmp_path / "backbone", backbone)
   gin.clear_config()
   model_dir = tmp_path / "run"
   train_common.configure(str(model_dir), data_dir, TRAIN_STEPS=2,
@@ -103,15 +113,8 @@ def test_a_specialist_from_a_backbone_only_checkpoint_is_refused_naming_what_is_
   # The generalist's adapter is frozen in a specialist run: from a checkpoint without it,
   # it would stay at its initialisation (B = 0) and the "generalist" would add nothing.
   train_common.configure(str(tmp_path / "unused"), data_dir, TRAIN_STEPS=2)
-  model = gin.query_parameter("train.model").scoped_configurable_fn()
-  abstract = partitioned_step.abstract_variables(
-      model, {"encoder_input_tokens": (1, 4), "decoder_input_tokens": (1, 4),
-              "image": (1, 16, 16, 3)})
-  backbone = jax.tree_util.tree_map(lambda x: np.zeros(x.shape, x.dtype),
-                                    param_layout.unbox(abstract["params"]))
-  checkpoint = tmp_path / "backbone"
-  with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(checkpoint, {"params": _without_adapters(backbone)})
+  backbone = _zero_params_of_the_configured_model()
+  checkpoint = _save_backbone(tmp_path / "backbone", backbone)
   gin.clear_config()
   model_dir = tmp_path / "specialist"
   train_common.configure(
