@@ -167,3 +167,144 @@ def get_config(name: str) -> PaliConfig:
   if name not in CONFIGS:
     raise KeyError(f"unknown model config {name!r}; known: {sorted(CONFIGS)}")
   return CONFIGS[name]
+
+
+# ----------------------------------------------------------------------------- MoME's towers
+# The vision experts of MoME (Shen et al. 2024): DINOv2, Pix2Struct's encoder and a CLIP ViT
+# (the stand-in for EVA-CLIP, which transformers does not ship). Frozen feature extractors:
+# they never carry adapters. `checkpoints.hf_vision_towers` reads them from transformers.
+
+PRENORM_ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu")  # models.vit_blocks.ACTIVATIONS
+
+
+def _check_choice(owner: str, field: str, value, choices) -> None:
+  if value not in choices:
+    raise ValueError(f"{owner}.{field}={value!r} is not one of {sorted(choices)}")
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class DinoV2Config:
+  """A DINOv2 ViT (Oquab et al. 2023; Darcet et al. 2024 for the registers).
+
+  Attributes:
+    image_size: the side of the square training image; other sizes resize the patch
+      position embeddings (torch's bicubic, as transformers does).
+    num_register_tokens: learned tokens between the class token and the patches, without
+      position embeddings (0: plain DINOv2, as MoME uses it).
+    antialias: resize position embeddings with torch's antialiased bicubic
+      (transformers' `Dinov2WithRegistersModel` does; `Dinov2Model` does not).
+    layer_scale: per-channel scales on both residual branches (DINOv2's LayerScale).
+  """
+  width: int
+  depth: int
+  mlp_dim: int
+  num_heads: int
+  patch_size: int = 14
+  image_size: int = 518
+  num_register_tokens: int = 0
+  antialias: bool = False
+  layer_scale: bool = True
+  activation: str = "gelu"
+  layer_norm_eps: float = 1e-6
+  dtype: str = "float32"
+  remat: bool = False
+  remat_policy: str = "nothing_saveable"
+  scan_layers: bool = False
+
+  def __post_init__(self):
+    layer_stack.check_remat_policy("DinoV2Config", self.remat_policy)
+    _check_choice("DinoV2Config", "activation", self.activation, PRENORM_ACTIVATIONS)
+
+  @property
+  def grid_size(self) -> int:
+    return self.image_size // self.patch_size
+
+  @property
+  def activation_dtype(self):
+    return jnp.dtype(self.dtype)
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class ClipVisionConfig:
+  """A CLIP ViT image encoder (Radford et al. 2021): class token, a LayerNorm before the
+  blocks, quick-GELU MLPs, LayerNorm eps 1e-5; the tokens come out of the last block
+  without a final norm (CLIP's `post_layernorm` only normalises the pooled class token).
+
+  Attributes:
+    image_size: the side of the square training image; other sizes resize the patch
+      position embeddings (torch's bicubic, transformers' `interpolate_pos_encoding`).
+  """
+  width: int
+  depth: int
+  mlp_dim: int
+  num_heads: int
+  patch_size: int = 14
+  image_size: int = 224
+  activation: str = "quick_gelu"
+  layer_norm_eps: float = 1e-5
+  dtype: str = "float32"
+  remat: bool = False
+  remat_policy: str = "nothing_saveable"
+  scan_layers: bool = False
+
+  def __post_init__(self):
+    layer_stack.check_remat_policy("ClipVisionConfig", self.remat_policy)
+    _check_choice("ClipVisionConfig", "activation", self.activation, PRENORM_ACTIVATIONS)
+
+  @property
+  def grid_size(self) -> int:
+    return self.image_size // self.patch_size
+
+  @property
+  def activation_dtype(self):
+    return jnp.dtype(self.dtype)
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class Pix2StructVisionConfig:
+  """Pix2Struct's image encoder (Lee et al. 2023): T5-style blocks over variable-aspect-ratio
+  patches with learned row and column embeddings (`models.pix2struct_patches` makes them).
+
+  Attributes:
+    head_dim: transformers' `d_kv` (Pix2Struct's heads need not divide the width).
+    num_positions: rows (and columns) the embedding tables hold (transformers' `seq_len`).
+    max_patches: the patch budget of an image; row and column ids reach it, so it must
+      stay below `num_positions`.
+    max_aspect_ratio: the longest side over the shortest an image may have; it bounds the
+      feature-map canvas (`feature_grid`) every image's patch grid fits in.
+  """
+  width: int
+  depth: int
+  mlp_dim: int
+  num_heads: int
+  head_dim: int
+  patch_size: int = 16
+  num_positions: int = 4096
+  max_patches: int = 2048
+  max_aspect_ratio: float = 4.0
+  layer_norm_eps: float = 1e-6
+  dtype: str = "float32"
+  remat: bool = False
+  remat_policy: str = "nothing_saveable"
+  scan_layers: bool = False
+
+  def __post_init__(self):
+    layer_stack.check_remat_policy("Pix2StructVisionConfig", self.remat_policy)
+    if self.max_patches >= self.num_positions:
+      raise ValueError(f"Pix2StructVisionConfig.max_patches={self.max_patches} must be below "
+                       f"num_positions={self.num_positions}: row and column ids reach "
+                       "max_patches and index tables of num_positions rows")
+    if self.max_aspect_ratio < 1:
+      raise ValueError("Pix2StructVisionConfig.max_aspect_ratio="
+                       f"{self.max_aspect_ratio} must be >= 1 (longest side / shortest)")
+
+  @property
+  def patch_dim(self) -> int:
+    return self.patch_size * self.patch_size * 3
+
+  @property
+  def activation_dtype(self):
+    return jnp.dtype(self.dtype)
