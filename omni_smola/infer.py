@@ -32,7 +32,7 @@ import difflib
 import json
 import os
 import re
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from absl import flags
 import gin
@@ -43,7 +43,9 @@ import tensorflow as tf
 
 from omni_smola import launching
 from omni_smola import param_layout
-from omni_smola.data import PaliFeatureConverter, VLTask, build_vl_task, contract_source
+from omni_smola.checkpoints import specialist_bank
+from omni_smola.data import (PaliFeatureConverter, VLTask, build_vl_task, contract_source,
+                             task_id)
 from omni_smola.training import checkpointing, data_iterator, partitioned_step, trainer
 
 flags.DEFINE_multi_string("image", [], "Image files to describe or ask about.")
@@ -173,7 +175,8 @@ def infer(*, model, checkpoint_path: str, images: Sequence[str], task: Optional[
           vocabulary: str = "default", input_length: int = 32, max_decode_length: int = 32,
           decoding: str = "greedy", beam_size: int = 4, output_dir: Optional[str] = None,
           module: Union[str, Sequence[str], None] = None,
-          partitioner: Optional[partitioned_step.Partitioner] = None) -> List[str]:
+          partitioner: Optional[partitioned_step.Partitioner] = None,
+          specialists: Optional[Mapping[str, str]] = None) -> List[str]:
   """The decoded text for each image, asked the task's prompt (or an ad-hoc one).
 
   Args:
@@ -188,6 +191,9 @@ def infer(*, model, checkpoint_path: str, images: Sequence[str], task: Optional[
     decoding: 'greedy' or 'beam' (`beam_size` beams).
     output_dir: INFER_OUTPUT_DIR; when set, predictions.jsonl is written there.
     module: MIXTURE_OR_TASK_MODULE, imported to register the tasks.
+    specialists: SPECIALISTS, {task: specialist checkpoint}, instead of
+      `checkpoint_path`: the model's `task_lora` bank answers with the task's own
+      specialist (runs/serve_specialists.gin); the task must be one of them.
   """
   if not images:
     raise launching.FlagError("no image given: pass --image=PATH (repeatable)")
@@ -195,24 +201,32 @@ def infer(*, model, checkpoint_path: str, images: Sequence[str], task: Optional[
     raise ValueError(f"decoding={decoding!r} is not 'greedy' or 'beam'")
   data_iterator.import_task_modules(module)
   resolved = resolve_task(task, prompt, question, vocabulary)
+  if specialists:
+    _check_bank_task(task, checkpoint_path, specialists)
   size = trainer.image_size_of(model)
   features, prompts = infer_features(
       resolved, images, question, {"inputs": input_length, "targets": max_decode_length}, size)
-  path = checkpointing.resolve_checkpoint(checkpoint_path)
+  if specialists:
+    path = f"SPECIALISTS[{task!r}] = {specialists[task]}"
+  else:
+    path = checkpointing.resolve_checkpoint(checkpoint_path)
   partitioner = partitioner if partitioner is not None else partitioned_step.Partitioner()
   rows = -(-len(images) // partitioner.data_parallel_size) * partitioner.data_parallel_size
   pad = rows - len(images)
   batch = {key: np.concatenate([value, np.repeat(value[-1:], pad, 0)])
            for key, value in features.items()}
   batch["decoder_input_tokens"] = np.zeros((rows, max_decode_length), np.int32)
+  batch["task_id"] = np.full((rows,), task_id(resolved.name), np.int32)
   shapes = {"encoder_input_tokens": (1, input_length),
             "decoder_input_tokens": (1, max_decode_length)}
   if model.config.vision is not None:
     shapes["image"] = (1, size, size, 3)
   abstract = partitioned_step.abstract_variables(model, shapes)
   params_sharding = partitioner.variables_sharding(abstract)["params"]
-  params = checkpointing.restore_params(path, partitioned_step.with_sharding(
-      param_layout.unbox(abstract["params"]), params_sharding), require_adapters=True)
+  target = partitioned_step.with_sharding(param_layout.unbox(abstract["params"]),
+                                         params_sharding)
+  params = (specialist_bank.load_bank(specialists, target, model.adapters) if specialists
+            else checkpointing.restore_params(path, target, require_adapters=True))
   decoder_params = {"decoding": decoding, "max_decode_length": max_decode_length}
   num_decodes = beam_size if decoding == "beam" else 1
 
@@ -236,6 +250,19 @@ def infer(*, model, checkpoint_path: str, images: Sequence[str], task: Optional[
                             "prompt": asked, "prediction": text, "checkpoint": path,
                             "decoding": decoding}) + "\n")
   return texts
+
+
+def _check_bank_task(task: Optional[str], checkpoint_path: Optional[str],
+                     specialists: Mapping[str, str]) -> None:
+  """A bank answers a task it has a specialist for, and takes nothing from CHECKPOINT_PATH."""
+  if checkpoint_path:
+    raise launching.FlagError(
+        f"CHECKPOINT_PATH={checkpoint_path!r} and SPECIALISTS are both set: a bank takes its "
+        "generalist from the specialists' checkpoints; set CHECKPOINT_PATH = None")
+  if task not in specialists:  # the generalist alone would answer, silently
+    raise launching.FlagError(
+        f"{'--task=' + repr(task) if task else '--prompt'} has no specialist in SPECIALISTS "
+        f"(tasks: {', '.join(sorted(specialists))})")
 
 
 def main(argv):

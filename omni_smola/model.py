@@ -12,7 +12,8 @@ adapter plan and the decoding / loss settings, all gin-configurable:
 Batch features: `image` float32 [b, H, W, 3] in [-1, 1] (PaLI only),
 `encoder_input_tokens` int32 [b, L_in], `decoder_input_tokens` and
 `decoder_target_tokens` int32 [b, L_out] (inputs = targets shifted right, 0 as
-BOS), `decoder_loss_weights` float32 [b, L_out]; others (`task_id`) are ignored.
+BOS), `decoder_loss_weights` float32 [b, L_out], `task_id` int32 [b] (read only by
+a `task_lora` specialist bank, which gathers each example's specialist by it).
 Token ids: 0 padding, 1 EOS.
 """
 import re
@@ -160,7 +161,8 @@ class PaliModel:
   # ------------------------------------------------------------------ helpers
 
   def _encoder_inputs(self, batch) -> dict:
-    inputs = {"encoder_input_tokens": batch["encoder_input_tokens"]}
+    inputs = {"encoder_input_tokens": batch["encoder_input_tokens"],
+              "task_ids": batch.get("task_id")}
     if self.has_vision:
       inputs["image"] = batch["image"]
     return inputs
@@ -199,6 +201,8 @@ class PaliModel:
                                          input_types.get("encoder_input_tokens", jnp.int32)),
         "decoder_input_tokens": jnp.ones(decoder_shape,
                                          input_types.get("decoder_input_tokens", jnp.int32)),
+        # Any id will do: a specialist bank creates its parameters whatever the rows.
+        "task_ids": jnp.zeros(encoder_shape[:1], jnp.int32),
     }
     if self.has_vision:
       size = self.config.vision.image_size

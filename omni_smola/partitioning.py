@@ -35,6 +35,8 @@ DEFAULT_RULES: LogicalRules = (
     ("expert", "expert"),
     ("lora_rank", None),
     ("slots", None),
+    # A task_lora bank: replicated, so each example's gather stays on its device.
+    ("specialists", None),
 )
 
 

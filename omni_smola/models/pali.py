@@ -40,13 +40,14 @@ class Pali(nn.Module):
         adapters=NO_ADAPTERS, dtype=self.config.text.activation_dtype)
     self.text = EncoderDecoder(self.config.text)
 
-  def encode(self, image, encoder_input_tokens, *, enable_dropout: bool = False
-             ) -> EncoderOutput:
-    """Image [b, H, W, 3] in [-1, 1] and prompt tokens [b, L_in] (0 = padding)."""
+  def encode(self, image, encoder_input_tokens, *, task_ids=None,
+             enable_dropout: bool = False) -> EncoderOutput:
+    """Image [b, H, W, 3] in [-1, 1], prompt tokens [b, L_in] (0 = padding), task ids [b]."""
     patches = self.img(image, enable_dropout)
     img_tokens = self.img_projection(patches)
     self.sow("intermediates", "img_tokens", img_tokens)
-    return self.text.encode(encoder_input_tokens, img_tokens, enable_dropout=enable_dropout)
+    return self.text.encode(encoder_input_tokens, img_tokens, task_ids=task_ids,
+                            enable_dropout=enable_dropout)
 
   def decode(self, encoder_output: EncoderOutput, decoder_input_tokens, *,
              enable_dropout: bool = False, decode: bool = False,
@@ -57,8 +58,9 @@ class Pali(nn.Module):
                             max_decode_length=max_decode_length,
                             decoder_target_tokens=decoder_target_tokens)
 
-  def __call__(self, image, encoder_input_tokens, decoder_input_tokens, *,
+  def __call__(self, image, encoder_input_tokens, decoder_input_tokens, *, task_ids=None,
                enable_dropout: bool = False, decoder_target_tokens=None):
-    encoder_output = self.encode(image, encoder_input_tokens, enable_dropout=enable_dropout)
+    encoder_output = self.encode(image, encoder_input_tokens, task_ids=task_ids,
+                                 enable_dropout=enable_dropout)
     return self.decode(encoder_output, decoder_input_tokens, enable_dropout=enable_dropout,
                        decoder_target_tokens=decoder_target_tokens)

@@ -237,7 +237,8 @@ class Decoder(nn.Module):
     cross_mask = encoder_context.valid_mask(*encoded.shape[:2])[:, None, None, :]
     valid = None if decoder_target_tokens is None else decoder_target_tokens > 0
     context = TokenContext(valid=valid, causal=True,
-                           instance_features=encoder_output.instance_features)
+                           instance_features=encoder_output.instance_features,
+                           task_ids=encoder_context.task_ids)
 
     x = self.shared_embedding(decoder_input_tokens)
     x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
@@ -277,20 +278,24 @@ class EncoderDecoder(nn.Module):
     self.encoder = Encoder(cfg)
     self.decoder = Decoder(cfg, self.token_embedder)
 
-  def encode(self, encoder_input_tokens, visual_tokens=None, *,
+  def encode(self, encoder_input_tokens, visual_tokens=None, *, task_ids=None,
              enable_dropout: bool = False) -> EncoderOutput:
-    """Prompt tokens [b, L_in] (0 = padding), optionally after visual tokens [b, n, embed]."""
+    """Prompt tokens [b, L_in] (0 = padding), optionally after visual tokens [b, n, embed].
+
+    `task_ids` [b] (the batch's `task_id`) reach every adapter, the decoder's through
+    the returned context: what a `task_lora` bank gathers its specialists by.
+    """
     x = self.token_embedder(encoder_input_tokens)
     valid = encoder_input_tokens > 0
     if visual_tokens is None:
-      context = TokenContext(valid=valid)
+      context = TokenContext(valid=valid, task_ids=task_ids)
     else:
       batch, num_visual = visual_tokens.shape[:2]
       x = jnp.concatenate([visual_tokens.astype(x.dtype), x], axis=1)
       ones = jnp.ones((batch, num_visual), bool)
       context = TokenContext(valid=jnp.concatenate([ones, valid], axis=1),
                              visual=jnp.concatenate([ones, jnp.zeros_like(valid)], axis=1),
-                             num_visual_tokens=num_visual)
+                             num_visual_tokens=num_visual, task_ids=task_ids)
     encoded = self.encoder(x, context, enable_dropout)
     self.sow("intermediates", "encoded", encoded)
     return EncoderOutput(encoded, context, masked_mean(encoded, context.valid))
@@ -301,8 +306,9 @@ class EncoderDecoder(nn.Module):
     return self.decoder(encoder_output, decoder_input_tokens, enable_dropout, decode,
                         max_decode_length, decoder_target_tokens)
 
-  def __call__(self, encoder_input_tokens, decoder_input_tokens, *,
+  def __call__(self, encoder_input_tokens, decoder_input_tokens, *, task_ids=None,
                enable_dropout: bool = False, decoder_target_tokens=None):
-    encoder_output = self.encode(encoder_input_tokens, enable_dropout=enable_dropout)
+    encoder_output = self.encode(encoder_input_tokens, task_ids=task_ids,
+                                 enable_dropout=enable_dropout)
     return self.decode(encoder_output, decoder_input_tokens, enable_dropout=enable_dropout,
                        decoder_target_tokens=decoder_target_tokens)

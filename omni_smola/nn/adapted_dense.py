@@ -34,6 +34,7 @@ from omni_smola.nn.lora import LoRA
 from omni_smola.nn.mixlora import MixLoRA
 from omni_smola.nn.mole import MoLE
 from omni_smola.nn.omni_smola import OmniSMoLA
+from omni_smola.nn.task_lora import TaskLoRA
 from omni_smola.nn.token_context import TokenContext
 
 
@@ -69,6 +70,8 @@ def build_adapter(spec: AdapterSpec, in_features: int, out_features: int, in_axi
   if spec.kind == "mole":
     return MoLE(spec.num_experts, spec.top_k, spec.rank, spec.scale,
                 level=spec.mole_level, **shared)
+  if spec.kind == "task_lora":
+    return TaskLoRA(spec.tasks, spec.rank, spec.scale, **shared)
   raise ValueError(f"AdapterSpec.kind={spec.kind!r} adds no residual")
 
 

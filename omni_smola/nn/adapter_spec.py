@@ -11,7 +11,8 @@ from typing import Mapping, Optional, Sequence, Tuple
 
 import gin
 
-ADAPTER_KINDS = ("none", "full", "lora", "smola", "omni_smola", "mixlora", "mole")
+ADAPTER_KINDS = ("none", "full", "lora", "smola", "omni_smola", "mixlora", "mole",
+                 "task_lora")
 ROUTINGS = ("sequence", "token")
 MODALITY_GROUPS = ("mm", "vis", "txt")
 MOLE_LEVELS = ("token", "instance")
@@ -41,6 +42,10 @@ class AdapterSpec:
     num_factors: `mixlora` pool size, for A and for B alike.
     top_k: `mole` experts chosen per token (or per example).
     mole_level: `mole` routing granularity, `token` or `instance`.
+    tasks: `task_lora` only: the task names of its bank, one LoRA specialist per
+      task, row i for `tasks[i]`; each example uses the row of its `task_id`
+      (`nn/task_lora.py`). Serving binds it from the SPECIALISTS table
+      (`checkpoints.specialist_bank.specialist_tasks`).
     sites: regular expressions searched in each projection's parameter path, such
       as `text/encoder/layers_0/mlp/wi_0` (PaLI: `img/...` for the ViT, `text/...`
       for the encoder-decoder); the adapter is attached where one is found (`mlp/`
@@ -58,6 +63,7 @@ class AdapterSpec:
   num_factors: int = 16
   top_k: int = 2
   mole_level: str = "token"
+  tasks: Tuple[str, ...] = ()
   sites: Tuple[str, ...] = (".*",)
 
   def __post_init__(self):
@@ -92,6 +98,9 @@ class AdapterSpec:
       raise AdapterConfigError(
           f"AdapterSpec.rank={self.rank} exceeds num_factors={self.num_factors} "
           "(mixlora selects rank factors from the pool)")
+    _check_tasks(self.kind, self.tasks)
+    # gin hands lists; a tuple keeps the spec hashable (a static jit arg).
+    object.__setattr__(self, "tasks", tuple(self.tasks))
     if isinstance(self.sites, str):
       object.__setattr__(self, "sites", (self.sites,))
     for pattern in self.sites:
@@ -147,6 +156,28 @@ class _FrozenDict(dict):
 
   def __setitem__(self, key, value):
     raise TypeError("AdapterSpec.experts_per_group is read-only")
+
+
+def _check_tasks(kind, tasks):
+  """A bank needs distinct task names; names on another kind would be silently unused."""
+  if isinstance(tasks, str):
+    raise AdapterConfigError(f"AdapterSpec.tasks must be a list of task names, got the "
+                             f"string {tasks!r}")
+  if kind != "task_lora":
+    if tasks:
+      raise AdapterConfigError(
+          f"AdapterSpec.tasks={tuple(tasks)!r} is only read by kind='task_lora', not "
+          f"kind={kind!r}")
+    return
+  if not tasks:
+    raise AdapterConfigError("AdapterSpec(kind='task_lora') needs tasks: the task names of "
+                             "its specialists (serving binds them from SPECIALISTS)")
+  repeated = sorted({t for t in tasks if list(tasks).count(t) > 1})
+  if repeated:
+    raise AdapterConfigError(f"AdapterSpec.tasks names {repeated} more than once")
+  for name in tasks:
+    if not isinstance(name, str) or not name:
+      raise AdapterConfigError(f"AdapterSpec.tasks holds {name!r}, not a task name")
 
 
 def _check_choice(field, value, choices):

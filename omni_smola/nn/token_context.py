@@ -28,12 +28,16 @@ class TokenContext:
     instance_features: [batch, d_ctx] features that instance-level routers
       (`mixlora`, `mole` at instance level) route on. None: the mean of the
       layer's own valid input tokens, which is only allowed when not causal.
+    task_ids: [batch] int32, each example's `task_id` (`data/task_ids.py`): the
+      specialist a `task_lora` bank gathers for it. None: unknown, which such a
+      bank refuses.
   """
   valid: Optional[jnp.ndarray] = None
   visual: Optional[jnp.ndarray] = None
   num_visual_tokens: Optional[int] = flax.struct.field(pytree_node=False, default=None)
   causal: bool = flax.struct.field(pytree_node=False, default=False)
   instance_features: Optional[jnp.ndarray] = None
+  task_ids: Optional[jnp.ndarray] = None
 
   def valid_mask(self, batch: int, length: int) -> jnp.ndarray:
     if self.valid is None:
@@ -64,3 +68,7 @@ class TokenContext:
       raise ValueError(
           f"TokenContext.instance_features has batch {self.instance_features.shape[0]}, "
           f"{where} has batch {batch}")
+    if self.task_ids is not None and tuple(self.task_ids.shape) != (batch,):
+      raise ValueError(
+          f"TokenContext.task_ids has shape {tuple(self.task_ids.shape)}, {where} has "
+          f"batch {batch} (one task id per example)")
