@@ -10,26 +10,48 @@ works too). It reads `MODEL`, `TASK_FEATURE_LENGTHS` (default {'inputs': 32,
 `trainable_overrides` and `create_optimizer.name` when the config binds them, prints
 a table (see `omni_smola.accounting` for what is counted and the token assumptions)
 and, with `--output`, writes the full account as JSON.
+
+With `--plan` it instead lowers and compiles the run's real train step for a mesh of
+simulated CPU devices and prints the bytes each device needs (`omni_smola.memory_plan`):
+
+    python -m omni_smola.params --gin_file=experiments/pali3_generalist.gin \
+      --plan --mesh=data:4,model:4 --device_memory=32GiB
+
+`--mesh` names the axes' sizes (data may be -1 with `--num_devices`), BATCH_SIZE and
+NUM_MICROBATCHES come from the config (defaults 32 and 1). The flags are checked before
+anything runs, and the process gives itself the mesh's devices before JAX starts
+(`memory_plan.use_simulated_devices`), so no XLA_FLAGS are needed.
 """
 if __name__ == "__main__":
   from omni_smola import console  # pylint: disable=g-import-not-at-top
   console.hold_native_stderr()  # before TensorFlow loads and prints its start-up lines
 
-import json
+import dataclasses
 import os
 import re
 import sys
-from typing import Any, Dict, Mapping, Sequence
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 from absl import flags
 import gin
+import jax
+import numpy as np
 
 from omni_smola import accounting
 from omni_smola import console
 from omni_smola import launching
+from omni_smola import memory_plan
 from omni_smola import param_layout
+from omni_smola import partitioning
+from omni_smola.evaluation import evaluator
 
-flags.DEFINE_string("output", None, "Write the accounting as JSON to this path.")
+flags.DEFINE_string("output", None, "Write the accounting (or the plan) as JSON to this path.")
+flags.DEFINE_bool("plan", False, "Compile the train step on simulated devices and print the "
+                  "memory each device needs instead of the accounting.")
+flags.DEFINE_string("mesh", None, "--plan's mesh: data:D,model:M[,expert:E].")
+flags.DEFINE_integer("num_devices", None, "--plan's device count (default: the mesh's "
+                     "product; needed when data is -1).")
+flags.DEFINE_string("device_memory", None, "--plan: one device's memory, e.g. 32GiB.")
 
 FLAGS = flags.FLAGS
 
@@ -41,6 +63,10 @@ TRAINABLE_MODE = 'adapters'
 omni_smola.params.run_macros.model = %MODEL
 omni_smola.params.run_macros.task_feature_lengths = %TASK_FEATURE_LENGTHS
 omni_smola.params.run_macros.trainable_mode = %TRAINABLE_MODE
+BATCH_SIZE = 32
+NUM_MICROBATCHES = 1
+omni_smola.params.plan_macros.batch_size = %BATCH_SIZE
+omni_smola.params.plan_macros.num_microbatches = %NUM_MICROBATCHES
 """
 
 
@@ -51,16 +77,13 @@ def run_macros(model=gin.REQUIRED, task_feature_lengths=None,
   return model, task_feature_lengths, trainable_mode
 
 
-def _resolve(value):
-  """A gin binding's value with references (`@f()`, `%MACRO`) evaluated."""
-  if isinstance(value, gin.config.ConfigurableReference):
-    fn = value.scoped_configurable_fn
-    return _resolve(fn()) if value.evaluate else fn
-  if isinstance(value, (list, tuple)):
-    return type(value)(_resolve(v) for v in value)
-  if isinstance(value, dict):
-    return {k: _resolve(v) for k, v in value.items()}
-  return value
+@gin.configurable(module="omni_smola.params")
+def plan_macros(batch_size=32, num_microbatches=1):
+  """What the memory plan needs besides `run_macros` (bound in DEFAULTS)."""
+  return batch_size, num_microbatches
+
+
+_resolve = launching.evaluated
 
 
 def _bound(binding_key: str, default):
@@ -90,6 +113,83 @@ def account_from_gin():
   overrides = _bound("omni_smola.training.trainer.train.trainable_overrides", ())
   optimizer = _bound("omni_smola.training.optimizers.create_optimizer.name", "adafactor")
   return accounting.account_model(model, lengths, mode, tuple(overrides), optimizer)
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanRequest:
+  """--plan's flags, checked: the mesh's axis sizes and one device's memory in bytes."""
+  mesh_sizes: Tuple[int, int, int]
+  device_memory: int
+
+  @property
+  def num_devices(self) -> int:
+    return int(np.prod(self.mesh_sizes))
+
+
+def plan_request(plan: bool, mesh: Optional[str], num_devices: Optional[int],
+                 device_memory: Optional[str]) -> Optional[PlanRequest]:
+  """The --plan flags checked before anything runs; errors name the flag and its value."""
+  if not plan:
+    given = [f"--{name}" for name, value in (("mesh", mesh), ("num_devices", num_devices),
+                                             ("device_memory", device_memory))
+             if value is not None]
+    if given:
+      raise launching.FlagError(f"{', '.join(given)} only act with --plan")
+    return None
+  for name, value, example in (("mesh", mesh, "data:4,model:4"),
+                               ("device_memory", device_memory, "32GiB")):
+    if value is None:
+      raise launching.FlagError(f"--plan needs --{name} (e.g. --{name}={example})")
+  try:
+    sizes = partitioning.parse_mesh_spec(mesh)
+  except ValueError as e:
+    raise launching.FlagError(f"--mesh={mesh}: {e}") from None
+  if num_devices is None:
+    if sizes["data"] == -1:
+      raise launching.FlagError(f"--mesh={mesh} leaves the data axis to the device count: "
+                                "give data:D or --num_devices")
+    num_devices = sizes["data"] * sizes["model"] * sizes["expert"]
+  try:
+    mesh_sizes = partitioning.mesh_axis_sizes(num_devices, **sizes)
+  except ValueError as e:
+    raise launching.FlagError(f"--mesh={mesh} does not fit --num_devices={num_devices}: "
+                              f"{e}") from None
+  try:
+    memory = memory_plan.parse_bytes(device_memory)
+  except ValueError as e:
+    raise launching.FlagError(f"--device_memory={device_memory}: {e}") from None
+  return PlanRequest(mesh_sizes, memory)
+
+
+def start_simulated_devices(request: PlanRequest) -> None:
+  try:
+    memory_plan.use_simulated_devices(request.num_devices)
+  except ValueError as e:
+    raise launching.FlagError(f"--mesh: {e}") from None
+
+
+def plan_from_gin(request: PlanRequest) -> Dict[str, Any]:
+  """The memory plan of the parsed gin config's train step on the requested mesh."""
+  from omni_smola.training import optimizers, partitioned_step  # pylint: disable=g-import-not-at-top
+  model, lengths, mode = run_macros()
+  batch_size, num_microbatches = plan_macros()
+  data, model_axis, expert = request.mesh_sizes
+  mesh = partitioning.create_mesh(data, model_axis, expert,
+                                  devices=jax.devices()[:request.num_devices])
+  try:
+    plan = memory_plan.plan_train_step(
+        model, partitioned_step.Partitioner(mesh=mesh), optimizers.create_optimizer(),
+        lengths, batch_size, num_microbatches, mode,
+        tuple(_bound("omni_smola.training.trainer.train.trainable_overrides", ())),
+        _bound("omni_smola.training.trainer.train.on_nonfinite_loss", "stop"))
+  except ValueError as e:
+    if re.search(r"BATCH_SIZE|NUM_MICROBATCHES", str(e)):
+      raise launching.GinConfigError(str(e)) from None
+    raise
+  plan["optimizer"] = _bound("omni_smola.training.optimizers.create_optimizer.name",
+                             "adafactor")
+  plan["model"] = model.config_name
+  return memory_plan.with_verdict(plan, request.device_memory)
 
 
 # ------------------------------------------------------------------------- table
@@ -197,6 +297,42 @@ def projection_table(adapted: Mapping[str, Sequence[str]]) -> str:
   return _table(["adapted projection (parameter path)", "adapter slot", "layers"], rows)
 
 
+def format_plan(plan: Mapping[str, Any]) -> str:
+  """The memory plan as the CLI prints it: bytes per device, XLA's analysis, the verdict."""
+  mesh = " x ".join(f"{name} {size}" for name, size in plan["mesh"].items())
+  mine, xla = plan["per_device_bytes"], plan["xla_bytes"]
+  b = lambda n: human(n, "B")
+  rows = [
+      ["parameters, trainable", b(mine["trainable_parameters"]), "shardings"],
+      ["parameters, frozen", b(mine["frozen_parameters"]), "shardings"],
+      [f"optimizer state ({plan['optimizer']})", b(mine["optimizer_state"]), "shardings"],
+      ["batch", b(mine["batch"]), "shardings"],
+      ["step + dropout key", b(mine["step_and_rng"]), "shardings"],
+      ["inputs", b(plan["input_bytes"]), "shardings"],
+      ["  of which the step reads", b(xla["argument"]), "XLA"],
+      ["outputs not aliased to donated inputs", b(xla["output"] - xla["alias"]), "XLA"],
+      ["temporaries (activations, gradients, ...)", b(xla["temp"]), "XLA"],
+      ["generated code", b(xla["generated_code"]), "XLA"],
+      ["total", b(plan["total_bytes"]), ""],
+      ["device memory", b(plan["device_memory_bytes"]), "--device_memory"],
+  ]
+  margin = plan["device_memory_bytes"] - plan["total_bytes"]
+  verdict = (f"fits: yes ({b(margin)} to spare)" if plan["fits"] else
+             f"fits: NO ({b(-margin)} over)")
+  return "\n".join([
+      f"memory plan of {plan['model'] or 'custom'}'s train step: mesh {mesh} "
+      f"({plan['num_devices']} simulated {plan['backend']} devices), BATCH_SIZE "
+      f"{plan['batch_size']}, NUM_MICROBATCHES {plan['num_microbatches']}, "
+      f"TASK_FEATURE_LENGTHS {plan['task_feature_lengths']}",
+      "",
+      _table(["per device", "bytes", "from"], rows),
+      "",
+      verdict,
+      f"trace + lower {plan['trace_and_lower_seconds']} s, compile "
+      f"{plan['compile_seconds']} s",
+  ])
+
+
 def _describe(spec: Mapping[str, Any]) -> str:
   kind = spec["kind"]
   if kind == "omni_smola":
@@ -219,20 +355,24 @@ def main(argv):
   if len(argv) > 1:
     raise SystemExit(f"unexpected arguments: {argv[1:]}")
   console.quiet_terminal()
+  request = launching.exit_on_user_error(lambda: plan_request(
+      FLAGS.plan, FLAGS.mesh, FLAGS.num_devices, FLAGS.device_memory))
+  if request is not None:
+    # Before the log file: naming the process starts JAX, which fixes its devices.
+    launching.exit_on_user_error(lambda: start_simulated_devices(request))
   launching.start_log_file(None, "params")
 
   def run():
     parse_config(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_paths)
-    return account_from_gin()
+    return account_from_gin() if request is None else plan_from_gin(request)
 
-  account = launching.exit_on_user_error(run)
-  print(format_table(account))
+  result = launching.exit_on_user_error(run)
+  print(format_table(result) if request is None else format_plan(result))
   if FLAGS.output:
-    directory = os.path.dirname(os.path.abspath(FLAGS.output))
-    os.makedirs(directory, exist_ok=True)
-    with open(FLAGS.output, "w") as f:
-      json.dump(account, f, indent=2, sort_keys=False)
+    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)
+    evaluator.write_json_atomically(FLAGS.output, result)
     print(f"\nwrote {FLAGS.output}", file=sys.stderr)
+
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ Every parameter and the main activations name their axes logically (`embed`,
 defaults are t5x's 1-D model-parallel rules plus our adapter axes. A mesh may
 also have an `expert` axis, which then shards the adapters' expert stacks.
 """
-from typing import Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import gin
@@ -64,23 +64,57 @@ def create_mesh(data: int = -1, model: int = 1, expert: int = 1,
                 devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
   """A (data, model[, expert]) mesh; -1 for `data` takes the remaining devices."""
   devices = list(devices if devices is not None else jax.devices())
-  for name, size in (("model", model), ("expert", expert)):
-    if size < 1:
-      raise ValueError(f"create_mesh.{name} must be >= 1, got {size}")
-  if data == -1:
-    if len(devices) % (model * expert):
-      raise ValueError(
-          f"create_mesh: {len(devices)} devices are not divisible by "
-          f"model={model} x expert={expert}")
-    data = len(devices) // (model * expert)
-  if data * model * expert != len(devices):
-    raise ValueError(
-        f"create_mesh: data={data} x model={model} x expert={expert} != "
-        f"{len(devices)} devices")
+  try:
+    data, model, expert = mesh_axis_sizes(len(devices), data, model, expert)
+  except ValueError as e:
+    raise ValueError(f"create_mesh: {e}") from None
   shape, names = (data, model), ("data", "model")
   if expert > 1:
     shape, names = (data, expert, model), ("data", "expert", "model")
   return Mesh(np.asarray(devices).reshape(shape), names)
+
+
+MESH_AXES = ("data", "model", "expert")
+
+
+def mesh_axis_sizes(num_devices: int, data: int = -1, model: int = 1,
+                    expert: int = 1) -> Tuple[int, int, int]:
+  """(data, model, expert) over `num_devices`; -1 for `data` takes the remaining devices."""
+  for name, size in (("model", model), ("expert", expert)):
+    if size < 1:
+      raise ValueError(f"mesh axis {name} must be >= 1, got {size}")
+  if data == -1:
+    if num_devices % (model * expert):
+      raise ValueError(f"{num_devices} devices are not divisible by "
+                       f"model={model} x expert={expert}")
+    data = num_devices // (model * expert)
+  if data < 1 or data * model * expert != num_devices:
+    raise ValueError(f"data={data} x model={model} x expert={expert} != "
+                     f"{num_devices} devices")
+  return data, model, expert
+
+
+def parse_mesh_spec(spec: str) -> Dict[str, int]:
+  """'data:4,model:4[,expert:2]' -> `create_mesh`'s sizes (data -1 when not given).
+
+  Errors name the spec and the item at fault; whether the sizes fit a device count is
+  `mesh_axis_sizes`'s check.
+  """
+  sizes: Dict[str, int] = {}
+  for item in spec.split(","):
+    name, sep, size = item.strip().partition(":")
+    if not sep or name not in MESH_AXES:
+      raise ValueError(f"mesh {spec!r}: {item.strip()!r} is not AXIS:SIZE with AXIS one of "
+                       f"{', '.join(MESH_AXES)}")
+    if name in sizes:
+      raise ValueError(f"mesh {spec!r}: axis {name!r} is given twice")
+    try:
+      sizes[name] = int(size)
+    except ValueError:
+      raise ValueError(f"mesh {spec!r}: size {size!r} of axis {name!r} is not an "
+                       "integer") from None
+  return {"data": sizes.get("data", -1), "model": sizes.get("model", 1),
+          "expert": sizes.get("expert", 1)}
 
 
 def logical_to_sharding(logical_tree, mesh: Mesh, rules: LogicalRules):
