@@ -1,4 +1,4 @@
-"""MoME's vision towers (DINOv2, CLIP, Pix2Struct) from transformers checkpoints give torch's numbers."""
+"""MoME's vision towers (DINOv2, CLIP, Pix2Struct) from transformers checkpoints: torch's numbers."""
 import dataclasses
 
 import jax
@@ -43,7 +43,7 @@ def _saved(model, tmp_path_factory, name):
 
 @pytest.fixture(scope="module")
 def vits(tmp_path_factory):
-  """{name: (checkpoint dir, our config, torch tokens, our VisionFeatures)} for the ViTs."""
+  """{name: (checkpoint dir, our config, torch output, our VisionFeatures, torch model)}."""
   torch.manual_seed(0)
   cases = {
       "dinov2": (transformers.Dinov2Model, transformers.Dinov2Config(**VIT),
@@ -66,7 +66,7 @@ def vits(tmp_path_factory):
     config = config_from_hf(folder)
     params = unflatten(towers.load_vision_tower(folder, config))
     ours = jax.jit(tower(config).apply)({"params": params}, IMAGES)
-    results[name] = (folder, config, out, ours)
+    results[name] = (folder, config, out, ours, model)
   return results
 
 
@@ -83,20 +83,32 @@ def pix2struct(tmp_path_factory):
 
 @pytest.mark.parametrize("name", ["dinov2", "dinov2_registers", "clip"])
 def test_vit_tower_matches_torch_at_another_resolution(vits, name):
-  _, _, torch_out, ours = vits[name]
+  _, _, torch_out, ours, _ = vits[name]
   np.testing.assert_allclose(ours.tokens, torch_out.last_hidden_state.numpy(), atol=1e-5)
 
 
 def test_vit_feature_map_is_the_patch_tokens_on_their_grid(vits):
-  _, config, _, ours = vits["dinov2_registers"]
+  _, config, _, ours, _ = vits["dinov2_registers"]
   assert config.num_register_tokens == 2 and config.antialias
   patches = ours.tokens[:, 1 + 2:]  # after the class token and the registers
   np.testing.assert_array_equal(ours.feature_map, patches.reshape(2, 3, 5, 32))
   assert ours.feature_mask.shape == (2, 3, 5) and ours.feature_mask.all()
 
 
+def test_smaller_image_size_resizes_the_checkpoints_positions_at_import(vits):
+  folder, config, _, _, model = vits["dinov2_registers"]
+  small = dataclasses.replace(config, image_size=16)  # 2x2 patches, the checkpoint's 4x4
+  params = unflatten(towers.load_vision_tower(folder, small))
+  assert params["pos_embedding"].shape == (1, 1 + 4, 32)
+  images = IMAGES[:, :16, :16]
+  ours = jax.jit(DinoV2(small).apply)({"params": params}, images)
+  with torch.no_grad():  # transformers resizes them on every call instead
+    expected = model(pixel_values=torch.tensor(images.transpose(0, 3, 1, 2))).last_hidden_state
+  np.testing.assert_allclose(ours.tokens, expected.numpy(), atol=1e-5)
+
+
 def test_clip_with_fewer_layers_keeps_the_checkpoints_first_ones(vits):
-  folder, config, torch_out, _ = vits["clip"]
+  folder, config, torch_out, _, _ = vits["clip"]
   shallow = dataclasses.replace(config, depth=1)  # MoME drops EVA-CLIP's last layer
   params = unflatten(towers.load_vision_tower(folder, shallow))
   ours = jax.jit(ClipVision(shallow).apply)({"params": params}, IMAGES)
@@ -151,7 +163,7 @@ def test_pix2struct_padding_does_not_change_valid_patches(pix2struct):
 
 @pytest.mark.parametrize("field, value", [("width", 48), ("patch_size", 4)])
 def test_tower_that_does_not_match_its_checkpoint_is_refused(vits, field, value):
-  folder, config, _, _ = vits["dinov2"]
+  folder, config, _, _, _ = vits["dinov2"]
   with pytest.raises(ValueError, match=rf"DinoV2Config\.{field}={value} does not match the "
                                        rf"checkpoint .*: its {field} is {getattr(config, field)}"):
     towers.load_vision_tower(folder, dataclasses.replace(config, **{field: value}))

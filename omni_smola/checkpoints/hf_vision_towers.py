@@ -13,7 +13,7 @@ the parameter) and both values. Layout conversions (torch `[out, in]` -> ours, a
 `[heads, head_dim]` split) are `hf_safetensors`'.
 """
 import math
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -271,15 +271,14 @@ def _tower_table():
   }
 
 
-def _checkpoint_geometry(flat: Flat) -> Dict[str, Tuple[str, int]]:
-  """The checkpoint's width, patch size and depth, as (what it is read from, value)."""
+def _checkpoint_geometry(flat: Flat) -> Dict[str, int]:
+  """The imported checkpoint's width, patch size and depth (config field -> value)."""
   if "patch_projection/kernel" in flat:
     patch_dim, width = flat["patch_projection/kernel"].shape
     patch_size = math.isqrt(patch_dim // 3)
   else:
     patch_size, _, _, width = flat["embedding/kernel"].shape
-  depth = len({k.split("/")[1] if k.startswith("Transformer/") else k.split("/")[0]
-               for k in flat if "encoderblock_" in k or k.startswith("layers_")})
+  depth = len(_layer_indices(flat, r"(?:Transformer/encoderblock|layers)_(\d+)/"))
   return {"width": width, "patch_size": patch_size, "depth": depth}
 
 

@@ -34,9 +34,10 @@ def patch_grid(height: int, width: int, patch_size: int, max_patches: int) -> Tu
   rows = min(int(scale * height / patch_size), max_patches)
   cols = min(int(scale * width / patch_size), max_patches)
   if rows < 1 or cols < 1:
-    raise ValueError(f"image {height}x{width} (aspect ratio {max(height, width) / min(height, width):.1f}) "
-                     f"does not fit a patch budget of max_patches={max_patches}: it would get "
-                     f"{rows} rows x {cols} columns of {patch_size}-pixel patches")
+    ratio = max(height, width) / min(height, width)
+    raise ValueError(f"image {height}x{width} (aspect ratio {ratio:.1f}) does not fit a patch "
+                     f"budget of max_patches={max_patches}: it would get {rows} rows x "
+                     f"{cols} columns of {patch_size}-pixel patches")
   return rows, cols
 
 

@@ -77,9 +77,10 @@ class Pix2StructVision(nn.Module):
     x = x + jnp.take(jnp.asarray(rows, dtype), row_ids, axis=0) + jnp.take(
         jnp.asarray(cols, dtype), col_ids, axis=0)
     x = constrain(x)
-    key_mask = (row_ids > 0)[:, None, None, :]  # [b, 1, 1, k]
+    valid = row_ids > 0  # [b, n]
+    context = TokenContext(valid=valid, num_visual_tokens=x.shape[1])
     x = layer_stack.apply_layers(
-        self, EncoderLayer, x, TokenContext(num_visual_tokens=x.shape[1]), key_mask,
+        self, EncoderLayer, x, context, valid[:, None, None, :],  # keys masked: [b, 1, 1, k]
         num_layers=cfg.depth, name="layers", scan=cfg.scan_layers, remat=cfg.remat,
         remat_policy=cfg.remat_policy, config=cfg)
     x = RMSNorm(cfg.layer_norm_eps, dtype, name="encoder_norm")(x)
