@@ -7,8 +7,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 RUN_DIR ?= runs/demo
 DEMO_FLAGS ?=
+STUDY ?= studies/mini_table3.gin
+STUDY_FLAGS ?=
 
-.PHONY: demo test install clean bench
+.PHONY: demo study test install clean bench
 
 $(PY):
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -28,6 +30,10 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m omni_smola.demo --run_dir=$(RUN_DIR) $(DEMO_FLAGS)
+
+# A study: arms x seeds from one gin file (README, "Studies"); STUDY_FLAGS=--quick for 1 seed.
+study: $(STAMP)
+	$(PY) -m omni_smola.study --gin_file=$(STUDY) $(STUDY_FLAGS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/adapter_layer.py

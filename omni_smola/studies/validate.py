@@ -1,0 +1,68 @@
+"""Everything a study needs, checked before its first step of training.
+
+Each run's gin files and bindings are parsed as the train binary would (a missing file, a
+typo'd macro or configurable, a required macro left unset), its training mixture must be
+registered, and each arm's model is built abstractly by the accounting (an unknown adapter
+kind or a bad adapter field fails there) which also gives the parameter and FLOP counts
+of the results table. A finished run whose recorded configuration differs from the
+study's is refused too: its scores would not be the arm's. Errors name the arm.
+"""
+import os
+from typing import Any, Dict, List, Sequence
+
+import gin
+
+from omni_smola import params as params_lib
+from omni_smola.analysis import collect
+from omni_smola.training import data_iterator
+from omni_smola.studies import configure, markers
+from omni_smola.studies.plan import Run
+from omni_smola.studies.spec import Study, StudyConfigError
+
+
+def study_tasks(study: Study) -> List[str]:
+  """The leaf tasks of the study's mixture: the results' columns, the specialists' runs."""
+  try:
+    data_iterator.check_registered(study.mixture, study.task_modules)
+  except data_iterator.UnknownTaskError as e:
+    raise StudyConfigError(f"Study.mixture: {e}") from None
+  return collect.leaf_tasks(study.mixture)
+
+
+def _account(gin_files: Sequence[str], bindings: Sequence[str]) -> Dict[str, Any]:
+  """Parameter and FLOP counts of the run's model (params.py's accounting)."""
+  gin.clear_config()
+  params_lib.parse_config(gin_files, bindings)
+  account = params_lib.account_from_gin()
+  parameters, flops = account["parameters"], account["flops"]["total"]
+  return {"adapters": {slot: spec["kind"] if spec else None
+                       for slot, spec in account["model"]["adapters"].items()},
+          "parameters": {k: parameters[k] for k in ("total", "trainable", "adapters")},
+          "flops": {"backbone": flops["backbone"], "adapters": flops["adapters"],
+                    "total": flops["backbone"] + flops["adapters"]}}
+
+
+def validate(study: Study, runs: Sequence[Run], study_dir: str) -> Dict[str, Dict[str, Any]]:
+  """Checks every run; returns {arm: its accounting}. Raises StudyConfigError naming the arm."""
+  configure.check_bindings(study)
+  accounts: Dict[str, Dict[str, Any]] = {}
+  for run in runs:
+    gin_files, bindings = configure.run_config(study, run, study_dir)
+    try:
+      configure.parse(gin_files, bindings)
+      data_iterator.check_registered(run.mixture, study.task_modules)
+      if run.arm.name not in accounts:
+        accounts[run.arm.name] = _account(gin_files, bindings)
+    except Exception as e:  # pylint: disable=broad-except
+      raise StudyConfigError(f"arm {run.arm.name!r} ({run.label}): {type(e).__name__}: "
+                             f"{e}") from e
+    finally:
+      gin.clear_config()
+    record = markers.done(os.path.join(study_dir, run.directory))
+    if record is not None and record.get("config") != configure.recorded_config(gin_files,
+                                                                                bindings):
+      raise StudyConfigError(
+          f"arm {run.arm.name!r}: {run.label} finished before with another configuration "
+          f"(see {os.path.join(study_dir, run.directory, markers.DONE)}); use another "
+          "--study_dir or delete that run")
+  return accounts
