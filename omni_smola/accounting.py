@@ -392,6 +392,32 @@ def account_model(model, task_feature_lengths: Optional[Mapping[str, int]] = Non
   }
 
 
+def trainable_parameter_count(model, trainable_mode: str = "adapters") -> int:
+  """How many parameters of `model` a run in `trainable_mode` trains (nothing allocated)."""
+  boxed, _ = abstract_params(model, TokenLayout.of(model, DEFAULT_TASK_FEATURE_LENGTHS))
+  mask = param_layout.unbox(model.trainable_mask(boxed, trainable_mode))
+  params = param_layout.unbox(boxed)
+  return sum(int(np.prod(leaf.shape))
+             for leaf, trains in zip(jax.tree_util.tree_leaves(params),
+                                     jax.tree_util.tree_leaves(mask)) if trains)
+
+
+def matching_lora_rank(lora_model, target_trainable: int) -> int:
+  """The LoRA rank whose trainable parameters come closest to `target_trainable`.
+
+  `lora_model` carries a LoRA `adapter` (any rank) on the sites to compare: a LoRA's
+  parameters are linear in its rank, r * sum over sites of (d_in + d_out), so one count
+  gives every rank's. This is how a comparison puts LoRA at the parameter count of
+  another adapter (the paper's LoRA baseline is compared at a fixed rank instead).
+  """
+  spec = lora_model.adapters.adapter
+  if spec is None or spec.kind != "lora":
+    raise ValueError(f"matching_lora_rank needs a model whose `adapter` slot is a LoRA, "
+                     f"got {spec!r}")
+  per_rank = trainable_parameter_count(lora_model) / spec.rank
+  return max(1, int(round(target_trainable / per_rank)))
+
+
 def _component_order(name: str):
   order = {g: i for i, g in enumerate(param_layout.GROUPS)}
   return (order.get(name, len(order)), name)

@@ -6,9 +6,16 @@ r"""`make demo`: the whole recipe on the offline mini mixture, on a laptop CPU.
 2. pretrains the `mini` backbone briefly, every parameter trained
    (experiments/mini_pretrain.gin; it stands in for a released checkpoint);
 3. trains an Omni-SMoLA generalist on the frozen backbone
-   (experiments/mini_generalist.gin) and a LoRA one for comparison
-   (experiments/mini_generalist_lora.gin: the same file but for the adapters/ include);
-4. evaluates the three (experiments/mini_eval.gin) and prints a per-task table.
+   (experiments/mini_generalist.gin) and, to compare it with, a LoRA generalist whose
+   rank gives it as many trainable parameters as the Omni-SMoLA one
+   (experiments/mini_generalist_lora.gin with the rank computed by
+   `accounting.matching_lora_rank`), and the control that rules out "it just trained
+   longer": the backbone trained on, every parameter, for as many steps
+   (experiments/mini_continued_ft.gin);
+4. evaluates the four (experiments/mini_eval.gin) and prints a per-task table.
+
+It is one seed: the table shows the recipe running, not which method is better. The
+study runner (`make study`) repeats the comparison over seeds, with spreads.
 
 Every phase goes through the binaries' own code (gin files parsed as
 `--gin_file` / `--gin.NAME=VALUE` would be, then `trainer.train` or
@@ -32,6 +39,7 @@ from absl import flags
 from absl import logging
 import gin
 
+from omni_smola import accounting
 from omni_smola import console
 from omni_smola import eval as eval_lib
 from omni_smola import launching
@@ -40,7 +48,8 @@ from omni_smola.training import checkpointing, trainer
 
 flags.DEFINE_string("run_dir", "runs/demo", "Where everything the demo makes goes.")
 flags.DEFINE_integer("pretrain_steps", None, "Overrides the backbone's TRAIN_STEPS.")
-flags.DEFINE_integer("generalist_steps", None, "Overrides the generalists' TRAIN_STEPS.")
+flags.DEFINE_integer("generalist_steps", None, "Overrides TRAIN_STEPS of the generalists and of the "
+                     "continued-FT control.")
 flags.DEFINE_integer("eval_examples", None, "Overrides EVAL_NUM_EXAMPLES (per task).")
 flags.DEFINE_string("data_config", "full", "Mini dataset config: 'full' or 'tiny'.")
 flags.DEFINE_integer("experts_per_group", None,
@@ -48,13 +57,17 @@ flags.DEFINE_integer("experts_per_group", None,
                      "says 16.")
 FLAGS = flags.FLAGS
 
-# (run name, experiment, adapters include for evaluation, label in the table)
+# (run name, experiment, adapters include for evaluation, label in the table); `lora`'s
+# label gets its rank, which matches Omni-SMoLA's trainable parameters.
 RUNS = (
     ("backbone", "experiments/mini_pretrain.gin", "adapters/full.gin", "backbone"),
+    ("continued_ft", "experiments/mini_continued_ft.gin", "adapters/full.gin",
+     "backbone + FT"),
     ("lora", "experiments/mini_generalist_lora.gin", "adapters/lora.gin", "LoRA"),
     ("omni_smola", "experiments/mini_generalist.gin", "adapters/omni_smola.gin",
      "Omni-SMoLA"),
 )
+LORA_RANK = "omni_smola.nn.adapter_spec.AdapterSpec.rank"
 # What a finished evaluation of a run is kept under, to be reused by the next demo.
 EVAL_RECORD = "demo_eval.json"
 
@@ -66,9 +79,10 @@ def _configure(gin_files: Sequence[str], bindings: Dict[str, object]) -> None:
                       [launching.REPO_GIN_CONFIGS])
 
 
-def _run_bindings() -> Dict[str, object]:
-  """What the flags change in every phase: the data config, the experts per group."""
-  bindings = {}
+def _run_bindings(name: str, lora_rank: int) -> Dict[str, object]:
+  """What the flags change in every phase (the data config, the experts per group), and
+  the LoRA run's rank."""
+  bindings = {LORA_RANK: lora_rank} if name == "lora" else {}
   if FLAGS.data_config == "tiny":
     bindings["MIXTURE_OR_TASK_NAME"] = "mini_generalist_tiny"
   if FLAGS.experts_per_group:
@@ -78,8 +92,18 @@ def _run_bindings() -> Dict[str, object]:
   return bindings
 
 
-def _train(name: str, experiment: str, run_dir: str, steps: Optional[int]) -> None:
-  bindings = {"MODEL_DIR": os.path.join(run_dir, name), **_run_bindings()}
+def matched_lora_rank() -> int:
+  """The LoRA rank with the trainable parameters of the demo's Omni-SMoLA generalist."""
+  placeholders = {"MODEL_DIR": "", "INITIAL_CHECKPOINT_PATH": ""}
+  _configure(["experiments/mini_generalist.gin"], {**placeholders, **_run_bindings("", 0)})
+  target = accounting.trainable_parameter_count(launching.evaluated_macro("MODEL"))
+  _configure(["experiments/mini_generalist_lora.gin"], placeholders)
+  return accounting.matching_lora_rank(launching.evaluated_macro("MODEL"), target)
+
+
+def _train(name: str, experiment: str, run_dir: str, steps: Optional[int],
+           lora_rank: int) -> None:
+  bindings = {"MODEL_DIR": os.path.join(run_dir, name), **_run_bindings(name, lora_rank)}
   if name != "backbone":
     bindings["INITIAL_CHECKPOINT_PATH"] = os.path.join(run_dir, "backbone")
   if steps:
@@ -90,15 +114,15 @@ def _train(name: str, experiment: str, run_dir: str, steps: Optional[int]) -> No
   logging.info("[demo] %s: at step %d after %.0f s", name, result.step, time.time() - start)
 
 
-def _evaluate(name: str, adapters: str,
-              run_dir: str) -> Tuple[Dict[str, Dict[str, float]], int]:
+def _evaluate(name: str, adapters: str, run_dir: str,
+              lora_rank: int) -> Tuple[Dict[str, Dict[str, float]], int]:
   """({task: {metric: value}}, examples per task) of the run's latest checkpoint.
 
   A second demo reads back an evaluation of the same checkpoint with the same settings.
   """
   output_dir = os.path.join(run_dir, name, "eval")
   bindings = {"CHECKPOINT_PATH": os.path.join(run_dir, name),
-              "EVAL_OUTPUT_DIR": output_dir, **_run_bindings()}
+              "EVAL_OUTPUT_DIR": output_dir, **_run_bindings(name, lora_rank)}
   if FLAGS.eval_examples:
     bindings["EVAL_NUM_EXAMPLES"] = FLAGS.eval_examples
   step = checkpointing.step_of(checkpointing.resolve_checkpoint(bindings["CHECKPOINT_PATH"]))
@@ -140,17 +164,22 @@ def run_demo(run_dir: str) -> str:
   tasks.mini.prepare(FLAGS.data_config, data_dir=data_dir)
   logging.info("[demo] data: ready after %.0f s", time.time() - start)
 
+  lora_rank = matched_lora_rank()
+  logging.info("[demo] LoRA rank %d: the trainable parameters of the Omni-SMoLA generalist",
+               lora_rank)
+  labels = {name: f"LoRA-{lora_rank}" if name == "lora" else label
+            for name, _, _, label in RUNS}
   for name, experiment, _, _ in RUNS:
     steps = FLAGS.pretrain_steps if name == "backbone" else FLAGS.generalist_steps
     logging.info("[demo] training %s (%s) after %.0f s", name, experiment, time.time() - start)
-    _train(name, experiment, run_dir, steps)
+    _train(name, experiment, run_dir, steps, lora_rank)
   results, examples = {}, set()
-  for name, _, adapters, label in RUNS:
+  for name, _, adapters, _ in RUNS:
     logging.info("[demo] evaluating %s after %.0f s", name, time.time() - start)
-    results[label], examples_per_task = _evaluate(name, adapters, run_dir)
+    results[labels[name]], examples_per_task = _evaluate(name, adapters, run_dir, lora_rank)
     examples.add(examples_per_task)
 
-  table = tables.format_table(results, [label for *_, label in RUNS])
+  table = tables.format_table(results, list(labels.values()))
   elapsed = time.time() - start
   evaluator.write_json_atomically(os.path.join(run_dir, "results.json"),
                                       {"results": results, "wall_seconds": elapsed})
@@ -159,8 +188,11 @@ def run_demo(run_dir: str) -> str:
   os.replace(os.path.join(run_dir, "results.md") + ".tmp", os.path.join(run_dir, "results.md"))
   warnings = console.library_warning_count()
   examples_text = " or ".join(str(e) for e in sorted(examples, key=str))
-  summary = (f"\nmini_generalist, validation ({examples_text} examples per task; one seed: "
-             f"not a ranking of the methods), frozen mini backbone + adapters:\n\n{table}\n\n"
+  summary = (f"\nmini_generalist, validation ({examples_text} examples per task). The adapters "
+             f"train on the frozen backbone; LoRA-{lora_rank} has Omni-SMoLA's trainable "
+             f"parameters; 'backbone + FT' trains every parameter for the adapters' steps "
+             f"(the control). One seed: this is not a ranking of the methods; `make study` "
+             f"gives spreads over seeds.\n\n{table}\n\n"
              f"Demo wall time: {elapsed / 60:.1f} min. Checkpoints, TensorBoard logs and "
              f"predictions are in {run_dir} (tensorboard --logdir {run_dir}); the full log "
              f"is {os.path.join(run_dir, 'demo.log')}"

@@ -167,6 +167,23 @@ def macro_value(name: str, default=None):
     return default
 
 
+def evaluated_macro(name: str):
+  """What gin's macro NAME evaluates to (`%MODEL`: the configured model instance)."""
+  return evaluated(gin.query_parameter(f"{name}/macro.value"))
+
+
+def evaluated(value):
+  """A gin binding's value with references (`@f()`, `%MACRO`) evaluated."""
+  if isinstance(value, gin.config.ConfigurableReference):
+    fn = value.scoped_configurable_fn
+    return evaluated(fn()) if value.evaluate else fn
+  if isinstance(value, (list, tuple)):
+    return type(value)(evaluated(v) for v in value)
+  if isinstance(value, dict):
+    return {k: evaluated(v) for k, v in value.items()}
+  return value
+
+
 def start_log_file(directory: Optional[str], binary: str) -> str:
   """The run's log file, `<directory>/<binary>.log` (one per process on multi-host).
 

@@ -363,3 +363,13 @@ def test_a_renamed_cross_attention_still_runs_on_the_encoders_tokens(tiny_accoun
   # the decoder's tokens: no `vis` FLOPs, and fewer backbone FLOPs and attention scores.
   assert account["flops"]["decoder"]["adapters_by_group"]["vis"] > 0
   assert layout_free_counts(account) == layout_free_counts(tiny_account)
+
+
+def test_the_matching_lora_rank_trains_as_many_parameters_as_the_target():
+  lora_model = PaliModel("tiny", AdapterSpec(kind="lora", rank=3))
+  per_rank = sum(d_in + d_out for _, d_in, d_out, _, _ in text_sites(lora_model.config.text))
+  assert accounting.trainable_parameter_count(lora_model) == 3 * per_rank
+  assert accounting.matching_lora_rank(lora_model, 7 * per_rank + per_rank // 3) == 7
+  assert accounting.matching_lora_rank(lora_model, 1) == 1  # never rank 0
+  with pytest.raises(ValueError, match="LoRA"):
+    accounting.matching_lora_rank(PaliModel("tiny", AdapterSpec(kind="omni_smola")), 100)
