@@ -107,6 +107,15 @@ def test_smaller_image_size_resizes_the_checkpoints_positions_at_import(vits):
   np.testing.assert_allclose(ours.tokens, expected.numpy(), atol=1e-5)
 
 
+def test_scanned_tower_gets_the_checkpoints_layers_stacked(vits):
+  folder, config, _, _, _ = vits["dinov2"]
+  per_layer = towers.load_vision_tower(folder, config)
+  scanned = towers.load_vision_tower(folder, dataclasses.replace(config, scan_layers=True))
+  name = "Transformer/encoderblock{}/LayerScale_1/scale"
+  np.testing.assert_array_equal(scanned[name.format("")],
+                                np.stack([per_layer[name.format(f"_{i}")] for i in range(2)]))
+
+
 def test_clip_with_fewer_layers_keeps_the_checkpoints_first_ones(vits):
   folder, config, torch_out, _, _ = vits["clip"]
   shallow = dataclasses.replace(config, depth=1)  # MoME drops EVA-CLIP's last layer

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from omni_smola import param_layout
 from omni_smola.checkpoints.hf_safetensors import (_Consumer, _layer_indices,
                                                    _linear_to_heads_in, _linear_to_heads_out,
                                                    read_hf_config, read_safetensors)
@@ -297,10 +298,10 @@ def load_vision_tower(path: str, config) -> Flat:
 
   `config`: a `DinoV2Config`, `ClipVisionConfig` or `Pix2StructVisionConfig` (e.g. from
   `*_config_from_hf(path)`, possibly changed). Returns `{path: array}` in the tower's layout
-  (`checkpoints.tree.unflatten` makes the `params` tree). A ViT checkpoint trained at
-  another `image_size` gets its patch positions resized; a fewer-layer CLIP drops the
-  checkpoint's last layers; any other disagreement raises, naming the config field (or the
-  parameter) and both values.
+  (`checkpoints.tree.unflatten` makes the `params` tree), per layer or stacked as
+  `config.scan_layers` wants. A ViT checkpoint trained at another `image_size` gets its
+  patch positions resized; a fewer-layer CLIP drops the checkpoint's last layers; any other
+  disagreement raises, naming the config field (or the parameter) and both values.
   """
   table = _tower_table()
   if type(config) not in table:
@@ -317,6 +318,7 @@ def load_vision_tower(path: str, config) -> Flat:
   expected = flatten(jax.eval_shape(tower(config).init, jax.random.PRNGKey(0),
                                     *inputs(config))["params"])
   expected = {k: getattr(v, "value", v).shape for k, v in expected.items()}
+  flat = param_layout.match_layer_layout(flat, expected)  # a scanned tower stacks its layers
   mismatched = sorted(f"{k}: tower {expected.get(k)} vs checkpoint "
                       f"{flat[k].shape if k in flat else None}"
                       for k in set(expected) | set(flat)
