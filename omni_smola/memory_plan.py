@@ -87,10 +87,12 @@ def abstract_batch(model, task_feature_lengths: Mapping[str, int], batch_size: i
   return batch
 
 
-def bytes_per_device(tree) -> int:
-  """Bytes one device holds of a tree of sharded `ShapeDtypeStruct`s (the largest shard)."""
-  return sum(int(np.prod(leaf.sharding.shard_shape(leaf.shape), dtype=np.int64))
-             * np.dtype(leaf.dtype).itemsize for leaf in jax.tree_util.tree_leaves(tree))
+def tree_bytes(tree, per_device: bool = True) -> int:
+  """Bytes of a tree of sharded `ShapeDtypeStruct`s: one device's shards, or whole."""
+  def nbytes(leaf):
+    shape = leaf.sharding.shard_shape(leaf.shape) if per_device else leaf.shape
+    return int(np.prod(shape, dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
+  return sum(nbytes(leaf) for leaf in jax.tree_util.tree_leaves(tree))
 
 
 def plan_train_step(model, partitioner: partitioned_step.Partitioner,
@@ -129,17 +131,14 @@ def plan_train_step(model, partitioner: partitioned_step.Partitioner,
   xla = compiled.memory_analysis()
   xla_bytes = {name: int(getattr(xla, f"{name}_size_in_bytes"))
                for name in ("argument", "output", "alias", "temp", "generated_code")}
-  per_device = {
-      "trainable_parameters": bytes_per_device(trainable),
-      "frozen_parameters": bytes_per_device(frozen),
-      "optimizer_state": bytes_per_device(abstract["opt_state"]),
-      "step_and_rng": bytes_per_device((abstract["step"], rng)),
-      "batch": bytes_per_device(batch),
-  }
+  inputs = {"trainable_parameters": trainable, "frozen_parameters": frozen,
+            "optimizer_state": abstract["opt_state"], "step_and_rng": (abstract["step"], rng),
+            "batch": batch}
+  per_device = {name: tree_bytes(tree) for name, tree in inputs.items()}
   # jit leaves out the inputs the step never reads (Adafactor's 1-element placeholders,
   # `task_id`): XLA's arguments omit them, but the state keeps them on the device.
-  inputs = sum(per_device.values())
-  total = (inputs + xla_bytes["output"] - xla_bytes["alias"] + xla_bytes["temp"]
+  input_bytes = sum(per_device.values())
+  total = (input_bytes + xla_bytes["output"] - xla_bytes["alias"] + xla_bytes["temp"]
            + xla_bytes["generated_code"])
   return {
       "mesh": {name: int(size) for name, size in partitioner.mesh.shape.items()},
@@ -147,7 +146,9 @@ def plan_train_step(model, partitioner: partitioned_step.Partitioner,
       "batch_size": batch_size, "num_microbatches": num_microbatches,
       "task_feature_lengths": dict(task_feature_lengths),
       "trainable_mode": trainable_mode,
-      "per_device_bytes": per_device, "input_bytes": inputs, "xla_bytes": xla_bytes,
+      "per_device_bytes": per_device, "input_bytes": input_bytes, "xla_bytes": xla_bytes,
+      "global_bytes": {name: tree_bytes(tree, per_device=False)
+                       for name, tree in inputs.items()},
       "total_bytes": total,
       "trace_and_lower_seconds": round(lower_seconds, 2),
       "compile_seconds": round(compile_seconds, 2),

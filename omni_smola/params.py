@@ -302,19 +302,19 @@ def format_plan(plan: Mapping[str, Any]) -> str:
   mesh = " x ".join(f"{name} {size}" for name, size in plan["mesh"].items())
   mine, xla = plan["per_device_bytes"], plan["xla_bytes"]
   b = lambda n: human(n, "B")
-  rows = [
-      ["parameters, trainable", b(mine["trainable_parameters"]), "shardings"],
-      ["parameters, frozen", b(mine["frozen_parameters"]), "shardings"],
-      [f"optimizer state ({plan['optimizer']})", b(mine["optimizer_state"]), "shardings"],
-      ["batch", b(mine["batch"]), "shardings"],
-      ["step + dropout key", b(mine["step_and_rng"]), "shardings"],
-      ["inputs", b(plan["input_bytes"]), "shardings"],
-      ["  of which the step reads", b(xla["argument"]), "XLA"],
-      ["outputs not aliased to donated inputs", b(xla["output"] - xla["alias"]), "XLA"],
-      ["temporaries (activations, gradients, ...)", b(xla["temp"]), "XLA"],
-      ["generated code", b(xla["generated_code"]), "XLA"],
-      ["total", b(plan["total_bytes"]), ""],
-      ["device memory", b(plan["device_memory_bytes"]), "--device_memory"],
+  whole = plan["global_bytes"]
+  inputs = [("parameters, trainable", "trainable_parameters"),
+            ("parameters, frozen", "frozen_parameters"),
+            (f"optimizer state ({plan['optimizer']})", "optimizer_state"),
+            ("batch", "batch"), ("step + dropout key", "step_and_rng")]
+  rows = [[label, b(mine[key]), "shardings", b(whole[key])] for label, key in inputs] + [
+      ["inputs", b(plan["input_bytes"]), "shardings", b(sum(whole.values()))],
+      ["  of which the step reads", b(xla["argument"]), "XLA", ""],
+      ["outputs not aliased to donated inputs", b(xla["output"] - xla["alias"]), "XLA", ""],
+      ["temporaries (activations, gradients, ...)", b(xla["temp"]), "XLA", ""],
+      ["generated code", b(xla["generated_code"]), "XLA", ""],
+      ["total", b(plan["total_bytes"]), "", ""],
+      ["device memory", b(plan["device_memory_bytes"]), "--device_memory", ""],
   ]
   margin = plan["device_memory_bytes"] - plan["total_bytes"]
   verdict = (f"fits: yes ({b(margin)} to spare)" if plan["fits"] else
@@ -325,7 +325,7 @@ def format_plan(plan: Mapping[str, Any]) -> str:
       f"{plan['batch_size']}, NUM_MICROBATCHES {plan['num_microbatches']}, "
       f"TASK_FEATURE_LENGTHS {plan['task_feature_lengths']}",
       "",
-      _table(["per device", "bytes", "from"], rows),
+      _table(["per device", "bytes", "from", "all devices"], rows),
       "",
       verdict,
       f"trace + lower {plan['trace_and_lower_seconds']} s, compile "

@@ -13,13 +13,11 @@ from absl import flags
 import gin
 import pytest
 
-from omni_smola import accounting, launching, memory_plan, params
-from omni_smola.model import PaliModel
-from omni_smola.nn import AdapterSpec
+from omni_smola import launching, memory_plan, params
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LENGTHS = {"inputs": 8, "targets": 4}
-TINY = ["--gin_file=models/tiny.gin", "--gin_file=adapters/omni_smola.gin",
+TINY = ["--gin_file=models/tiny.gin", "--gin_file=adapters/lora.gin",
         f"--gin.TASK_FEATURE_LENGTHS={LENGTHS!r}"]
 
 
@@ -38,7 +36,8 @@ def tiny_plan(tmp_path_factory):
 def test_the_plan_prints_each_devices_bytes_and_the_verdict(tiny_plan):
   stdout, plan = tiny_plan
   assert "mesh data 2 x model 2 (4 simulated cpu devices)" in stdout
-  for row in ("parameters, frozen", "optimizer state (adafactor)", "temporaries", "total"):
+  for row in ("parameters, frozen", "optimizer state (adafactor)", "temporaries", "total",
+              "all devices"):
     assert row in stdout, row
   assert "fits: yes" in stdout and plan["fits"] is True
   assert plan["mesh"] == {"data": 2, "model": 2} and plan["num_devices"] == 4
@@ -47,12 +46,10 @@ def test_the_plan_prints_each_devices_bytes_and_the_verdict(tiny_plan):
 
 def test_parameters_count_their_shard_and_the_batch_its_rows(tiny_plan):
   _, plan = tiny_plan
-  account = accounting.account_model(PaliModel("tiny", AdapterSpec(kind="lora", rank=2)),
-                                     LENGTHS)
-  backbone = 4 * account["parameters"]["backbone"]  # float32, all frozen
-  mine = plan["per_device_bytes"]
+  mine, whole = plan["per_device_bytes"], plan["global_bytes"]
   # The model axis splits the wide kernels in two; norms and position tables replicate.
-  assert backbone / 2 < mine["frozen_parameters"] < backbone
+  assert whole["frozen_parameters"] / 2 < mine["frozen_parameters"] < whole["frozen_parameters"]
+  assert whole["batch"] == 2 * mine["batch"]  # the data axis splits the rows
   # Two rows per device: image 16x16x3 float32, encoder tokens, three decoder features,
   # task_id.
   assert mine["batch"] == 2 * 4 * (16 * 16 * 3 + LENGTHS["inputs"] + 3 * LENGTHS["targets"]
