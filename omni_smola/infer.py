@@ -17,6 +17,10 @@ resizes the image (`infer_features`). `--task` (or the INFER_TASK macro) names t
 a VQA task needs `--question`, a captioning task refuses one. `--prompt=TEXT` instead asks
 an ad-hoc prompt (`{question}` in it is filled in with --question) through the same steps,
 with the VOCABULARY macro's vocabulary; it cannot be combined with a task.
+
+Several tasks in one batch: `--task` and `--question` once per `--image`, in order (`''` as
+the question of an image whose task asks none). With runs/serve_specialists.gin (SPECIALISTS
+instead of CHECKPOINT_PATH) each image is answered by its own task's specialist.
 """
 
 import sys
@@ -49,10 +53,12 @@ from omni_smola.data import (PaliFeatureConverter, VLTask, build_vl_task, contra
 from omni_smola.training import checkpointing, data_iterator, partitioned_step, trainer
 
 flags.DEFINE_multi_string("image", [], "Image files to describe or ask about.")
-flags.DEFINE_string("task", None, "The registered task whose prompt to ask (overrides "
-                    "INFER_TASK), e.g. mini_shapes_caption.")
-flags.DEFINE_string("question", None, "The question, for a VQA task (or a --prompt with "
-                    "{question}).")
+flags.DEFINE_multi_string("task", None, "The registered task whose prompt to ask (overrides "
+                          "INFER_TASK), e.g. mini_shapes_caption; once for every --image, "
+                          "or once per --image (in order) for a batch of several tasks.")
+flags.DEFINE_multi_string("question", None, "The question, for a VQA task (or a --prompt "
+                          "with {question}); once, or once per --image ('' for one whose "
+                          "task asks none).")
 flags.DEFINE_string("prompt", None, "An ad-hoc prompt instead of a task's, e.g. "
                     "'answer en what is this?'.")
 flags.DEFINE_enum("decoding", None, ["greedy", "beam"], "Overrides infer.decoding.")
@@ -170,21 +176,27 @@ def infer_features(task: VLTask, images: Sequence[str], question: str,
 
 
 @gin.configurable(module="omni_smola.infer")
-def infer(*, model, checkpoint_path: str, images: Sequence[str], task: Optional[str] = None,
-          question: Optional[str] = None, prompt: Optional[str] = None,
+def infer(*, model, checkpoint_path: str, images: Sequence[str],
+          task: Union[str, Sequence[str], None] = None,
+          question: Union[str, Sequence[str], None] = None, prompt: Optional[str] = None,
           vocabulary: str = "default", input_length: int = 32, max_decode_length: int = 32,
           decoding: str = "greedy", beam_size: int = 4, output_dir: Optional[str] = None,
           module: Union[str, Sequence[str], None] = None,
           partitioner: Optional[partitioned_step.Partitioner] = None,
           specialists: Optional[Mapping[str, str]] = None) -> List[str]:
-  """The decoded text for each image, asked the task's prompt (or an ad-hoc one).
+  """The decoded text for each image, asked its task's prompt (or an ad-hoc one).
+
+  Images of several tasks share one batch: each is built by its own task's preprocessors
+  and carries its task's id, so a `task_lora` bank answers each with its own specialist.
 
   Args:
     model: the `PaliModel` the checkpoint was trained as.
     checkpoint_path: CHECKPOINT_PATH: a MODEL_DIR, checkpoints/ dir or step dir.
     images: image files (any format the feature converter decodes).
-    task: INFER_TASK (or --task): a registered VL task, e.g. 'mini_shapes_color_qa'.
-    question: the question, for a task (or prompt) with `{question}`.
+    task: INFER_TASK (or --task): a registered VL task, e.g. 'mini_shapes_color_qa'; or
+      one per image.
+    question: the question, for a task (or prompt) with `{question}`; or one per image
+      ('' for an image whose task asks none).
     prompt: an ad-hoc prompt instead of a task, e.g. 'answer en what is this?'.
     vocabulary: VOCABULARY: the ad-hoc prompt's vocabulary (`get_vocabulary` name).
     input_length, max_decode_length: prompt and output token budgets.
@@ -200,23 +212,22 @@ def infer(*, model, checkpoint_path: str, images: Sequence[str], task: Optional[
   if decoding not in ("greedy", "beam"):
     raise ValueError(f"decoding={decoding!r} is not 'greedy' or 'beam'")
   data_iterator.import_task_modules(module)
-  resolved = resolve_task(task, prompt, question, vocabulary)
-  if specialists:
-    _check_bank_task(task, checkpoint_path, specialists)
+  tasks = _per_image("task", task, len(images))
+  questions = _per_image("question", question, len(images))
+  for name in dict.fromkeys(tasks) if specialists else ():
+    _check_bank_task(name, checkpoint_path, specialists)
   size = trainer.image_size_of(model)
-  features, prompts = infer_features(
-      resolved, images, question, {"inputs": input_length, "targets": max_decode_length}, size)
-  if specialists:
-    path = f"SPECIALISTS[{task!r}] = {specialists[task]}"
-  else:
-    path = checkpointing.resolve_checkpoint(checkpoint_path)
+  features, prompts, tasks_of = batch_features(
+      images, tasks, questions, {"inputs": input_length, "targets": max_decode_length}, size,
+      prompt=prompt, vocabulary=vocabulary)
+  path = (f"SPECIALISTS = {dict(specialists)}" if specialists
+          else checkpointing.resolve_checkpoint(checkpoint_path))
   partitioner = partitioner if partitioner is not None else partitioned_step.Partitioner()
   rows = -(-len(images) // partitioner.data_parallel_size) * partitioner.data_parallel_size
   pad = rows - len(images)
   batch = {key: np.concatenate([value, np.repeat(value[-1:], pad, 0)])
            for key, value in features.items()}
   batch["decoder_input_tokens"] = np.zeros((rows, max_decode_length), np.int32)
-  batch["task_id"] = np.full((rows,), task_id(resolved.name), np.int32)
   shapes = {"encoder_input_tokens": (1, input_length),
             "decoder_input_tokens": (1, max_decode_length)}
   if model.config.vision is not None:
@@ -240,16 +251,57 @@ def infer(*, model, checkpoint_path: str, images: Sequence[str], task: Optional[
   run = partitioned_step.jit_params_fn(partitioner, predict, params_sharding,
                                        partitioner.batch_sharding(local))
   decoded = np.asarray(run(params, partitioner.global_batch(local, rows)).addressable_data(0))
-  vocab = resolved.output_features["targets"].vocabulary
-  texts = [vocab.decode([int(t) for t in row if t != 0]) for row in decoded[:len(images)]]
+  texts = [owner.output_features["targets"].vocabulary.decode([int(t) for t in row if t != 0])
+           for owner, row in zip(tasks_of, decoded[:len(images)])]
   if output_dir and jax.process_index() == 0:
     os.makedirs(output_dir, exist_ok=True)
     with open(os.path.join(output_dir, "predictions.jsonl"), "w") as f:
-      for image, text, asked in zip(images, texts, prompts):
-        f.write(json.dumps({"image": image, "task": task or None, "question": question,
+      for image, text, asked, name, asking in zip(images, texts, prompts, tasks, questions):
+        f.write(json.dumps({"image": image, "task": name or None, "question": asking,
                             "prompt": asked, "prediction": text, "checkpoint": path,
                             "decoding": decoding}) + "\n")
   return texts
+
+
+def batch_features(images: Sequence[str], tasks: Sequence[Optional[str]],
+                   questions: Sequence[Optional[str]], lengths: Dict[str, int],
+                   image_size: int, *, prompt: Optional[str] = None,
+                   vocabulary: str = "default",
+                   ) -> Tuple[Dict[str, np.ndarray], List[str], List[VLTask]]:
+  """(features with `task_id`, prompts, tasks) of `images`, image i asked `tasks[i]`.
+
+  Images asked the same task and question go through that task together
+  (`resolve_task`, `infer_features`); the rows are put back in the images' order, each
+  with its task's id, so one batch holds several tasks.
+  """
+  groups = {}  # (task, question) -> the indices of its images, in order
+  for index, key in enumerate(zip(tasks, questions)):
+    groups.setdefault(key, []).append(index)
+  resolved = {key: resolve_task(key[0], prompt, key[1], vocabulary) for key in groups}
+  rows, prompts, owners = [None] * len(images), [None] * len(images), [None] * len(images)
+  for key, indices in groups.items():
+    features, asked = infer_features(resolved[key], [images[i] for i in indices], key[1] or "",
+                                     lengths, image_size)
+    for row, index in enumerate(indices):
+      rows[index] = {name: value[row] for name, value in features.items()}
+      prompts[index], owners[index] = asked[row], resolved[key]
+  stacked = {name: np.stack([row[name] for row in rows]) for name in rows[0]}
+  stacked["task_id"] = np.array([task_id(owner.name) for owner in owners], np.int32)
+  return stacked, prompts, owners
+
+
+def _per_image(flag: str, values: Union[str, Sequence[str], None], count: int) -> list:
+  """`values` for each of `count` images: one value is every image's."""
+  if values is None or isinstance(values, str):
+    return [values] * count
+  values = list(values) or [None]
+  if len(values) == 1:
+    return values * count
+  if len(values) != count:
+    raise launching.FlagError(
+        f"--{flag} is given {len(values)} times for {count} --image files: give it once "
+        "(for every image) or once per image, in the same order")
+  return values
 
 
 def _check_bank_task(task: Optional[str], checkpoint_path: Optional[str],

@@ -21,6 +21,7 @@ import seqio  # noqa: E402
 
 from omni_smola import infer as infer_lib  # noqa: E402
 from omni_smola import launching  # noqa: E402
+from omni_smola.data import task_id  # noqa: E402
 from omni_smola.training import data_iterator  # noqa: E402
 
 CAPTION_TASK = "mini_shapes_caption_tiny"
@@ -151,3 +152,28 @@ def test_infer_rejects_a_missing_image(data_dir, tmp_path):
       infer_lib.infer(images=[str(tmp_path / "no.png")], task=CAPTION_TASK)
   finally:
     gin.clear_config()
+
+
+def test_images_of_several_tasks_share_a_batch_each_built_by_its_own_task(data_dir, tmp_path):
+  del data_dir
+  images = []
+  for index in range(2):
+    path = tmp_path / f"image_{index}.png"
+    PIL.Image.fromarray(np.random.default_rng(index).integers(
+        0, 255, (24 + 8 * index, 32, 3), dtype=np.uint8)).save(path)
+    images.append(str(path))
+  lengths = {"inputs": 16, "targets": 16}
+  asked = [(CAPTION_TASK, ""), (VQA_TASK, "what color is it?")]
+  mixed, prompts, owners = infer_lib.batch_features(
+      images, [t for t, _ in asked], [q for _, q in asked], lengths, 16)
+  for row, (task_name, question) in enumerate(asked):
+    alone, alone_prompts = infer_lib.infer_features(
+        infer_lib.resolve_task(task_name, None, question or None), [images[row]], question,
+        lengths, 16)
+    assert prompts[row] == alone_prompts[0] and owners[row].name == task_name
+    for feature in ("encoder_input_tokens", "image"):
+      np.testing.assert_array_equal(mixed[feature][row], alone[feature][0])
+  assert list(mixed["task_id"]) == [task_id(CAPTION_TASK), task_id(VQA_TASK)]
+  with pytest.raises(launching.FlagError, match="--task is given 2 times for 3 --image"):
+    infer_lib.infer(model=None, checkpoint_path=None, images=images + images[:1],
+                    task=[CAPTION_TASK, VQA_TASK])

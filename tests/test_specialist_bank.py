@@ -5,13 +5,19 @@ plain LoRA in `specialist_adapter`) restored from that task's checkpoint, run on
 task's examples alone. A mixed batch through the bank must give the same logits and the
 same greedy (cached) decodes, row for row.
 """
+import os
+import sys
+
 import flax.linen as nn
+import gin
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "multidevice_checks"))
 import model_fixtures
+import train_common
 from omni_smola import eval as eval_lib
 from omni_smola import infer as infer_lib
 from omni_smola import launching
@@ -21,7 +27,6 @@ from omni_smola.data import task_id
 from omni_smola.model import PaliModel
 from omni_smola.models import configs
 from omni_smola.nn import AdapterConfigError, AdapterPlan, AdapterSpec
-from omni_smola.training import data_iterator
 
 TASKS = ("mini_photo_qa", "mini_shapes_count")  # sorted: the bank's row order
 GENERALIST = AdapterSpec(kind="lora", rank=2)
@@ -77,9 +82,13 @@ def runs(models, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def bank_params(models, runs):
-  _, bank_model = models
-  return specialist_bank.load_bank(runs[1], _abstract(bank_model), bank_model.adapters)
+def bank_target(models):
+  return _abstract(models[1])
+
+
+@pytest.fixture(scope="module")
+def bank_params(models, runs, bank_target):
+  return specialist_bank.load_bank(runs[1], bank_target, models[1].adapters)
 
 
 @pytest.fixture(scope="module")
@@ -170,12 +179,12 @@ def test_the_bank_loads_into_a_scanned_model(models, runs, bank_params):
 
 
 def test_a_checkpoint_without_a_specialist_is_an_error_naming_task_and_checkpoint(
-    models, runs, tmp_path):
+    models, runs, bank_target, tmp_path):
   params, table = runs
   generalist = unflatten({k: v for k, v in flatten(params[TASKS[0]]).items()
                           if "/specialist_adapter/" not in k})
   path = _save(tmp_path / "generalist", generalist)
-  abstract = _abstract(models[1])
+  abstract = bank_target
   with pytest.raises(SpecialistBankError,
                      match=rf"SPECIALISTS\['{TASKS[1]}'\]: checkpoint .*generalist has no "
                            "specialist_adapter parameters"):
@@ -183,13 +192,13 @@ def test_a_checkpoint_without_a_specialist_is_an_error_naming_task_and_checkpoin
 
 
 def test_specialists_of_different_generalists_are_an_error_naming_both_and_the_path(
-    models, runs, tmp_path):
+    models, runs, bank_target, tmp_path):
   params, table = runs
   flat = flatten(params[TASKS[1]])
   name = "text/encoder/layers_1/attention/query/adapter/lora_a"
   flat[name] = flat[name] + 1e-3
   path = _save(tmp_path / "other", unflatten(flat))
-  abstract = _abstract(models[1])
+  abstract = bank_target
   with pytest.raises(SpecialistBankError) as raised:
     specialist_bank.load_bank({**table, TASKS[1]: path}, abstract, models[1].adapters)
   message = str(raised.value)
@@ -197,9 +206,9 @@ def test_specialists_of_different_generalists_are_an_error_naming_both_and_the_p
   assert "different generalists" in message
 
 
-def test_bad_tables_and_plans_are_errors_naming_them(models, runs):
+def test_bad_tables_and_plans_are_errors_naming_them(models, runs, bank_target):
   _, table = runs
-  abstract = _abstract(models[1])
+  abstract = bank_target
   with pytest.raises(SpecialistBankError, match=r"SPECIALISTS\['mini_photo_qa'\] = .*nowhere"):
     specialist_bank.load_bank({**table, TASKS[0]: "/nowhere"}, abstract, models[1].adapters)
   with pytest.raises(SpecialistBankError, match=r"not SPECIALISTS' tasks .*mini_text_read"):
@@ -211,7 +220,8 @@ def test_bad_tables_and_plans_are_errors_naming_them(models, runs):
     specialist_bank.specialist_tasks({})
 
 
-def test_bank_specs_are_validated_and_a_bank_without_task_ids_refuses_to_run(models):
+def test_bank_specs_are_validated_and_a_bank_without_task_ids_refuses_to_run(models,
+                                                                            bank_target):
   with pytest.raises(AdapterConfigError, match="task_lora.*needs tasks"):
     AdapterSpec(kind="task_lora")
   with pytest.raises(AdapterConfigError, match=r"tasks=\('a',\) is only read by kind='task_lora'"):
@@ -221,23 +231,27 @@ def test_bank_specs_are_validated_and_a_bank_without_task_ids_refuses_to_run(mod
   _, bank_model = models
   batch = _batch(bank_model, TASKS * 2)
   del batch["task_id"]
-  params = model_fixtures.random_params(bank_model, batch)
   with pytest.raises(ValueError, match="task_lora bank needs each example's task id"):
-    jax.eval_shape(lambda p: bank_model._logits(p, batch), params)  # pylint: disable=protected-access
+    jax.eval_shape(lambda p: bank_model._logits(p, batch), bank_target)  # pylint: disable=protected-access
 
 
-def test_eval_refuses_a_mixture_task_without_a_specialist_before_writing(models, runs,
-                                                                         tmp_path):
+def test_eval_through_gin_refuses_a_mixture_task_without_a_specialist_before_writing(
+    runs, tmp_path):
+  """runs/serve_specialists.gin: SPECIALISTS names the bank's rows and reaches eval."""
   _, table = runs
   output_dir = tmp_path / "eval"
-  dataset = data_iterator.DatasetConfig("mini_generalist", split="validation",
-                                        module="tasks")
-  with pytest.raises(ValueError, match=r"no specialist for the tasks \['mini_digits_qa', "):
-    eval_lib.evaluate(model=models[1], dataset_cfg=dataset, checkpoint_path=None,
-                      output_dir=str(output_dir), specialists=table)
-  with pytest.raises(ValueError, match="CHECKPOINT_PATH='x' and SPECIALISTS are both set"):
-    eval_lib.evaluate(model=models[1], dataset_cfg=dataset, checkpoint_path="x",
-                      output_dir=str(output_dir), specialists=table)
+  gin_files = train_common.EVAL_GIN_FILES + ("runs/serve_specialists.gin",)
+  train_common.configure(None, str(tmp_path / "data"), gin_files, train_common.EVAL_BINDINGS,
+                         SPECIALISTS=table, EVAL_OUTPUT_DIR=str(output_dir))
+  try:
+    plan = gin.query_parameter("%MODEL").scoped_configurable_fn().adapters
+    assert plan.specialist_adapter.kind == "task_lora" and plan.specialist_adapter.tasks == TASKS
+    with pytest.raises(ValueError, match=r"no specialist for the tasks \['mini_digits_qa_tiny', "):
+      eval_lib.evaluate()
+    with pytest.raises(ValueError, match="CHECKPOINT_PATH='x' and SPECIALISTS are both set"):
+      eval_lib.evaluate(checkpoint_path="x")
+  finally:
+    gin.clear_config()
   assert not output_dir.exists()
 
 

@@ -30,6 +30,7 @@ from omni_smola.checkpoints import restore
 from omni_smola.checkpoints.restore import CheckpointMismatchError
 from omni_smola.checkpoints.tree import flatten
 from omni_smola.nn.adapter_plan import AdapterPlan
+from omni_smola.training import checkpointing
 
 SPECIALIST_SLOT = "specialist_adapter"
 BANK_KIND = "task_lora"
@@ -74,8 +75,6 @@ def _in_slot(name: str) -> bool:
 
 def _read(task: str, path: str) -> Tuple[str, Dict[str, np.ndarray]]:
   """(the checkpoint read, its parameters per layer); errors name the task."""
-  # Imported here: training.checkpointing imports this package.
-  from omni_smola.training import checkpointing  # pylint: disable=g-import-not-at-top
   try:
     source = checkpointing.resolve_checkpoint(path)
     return source, param_layout.unstack_layers(restore.read_checkpoint(source))
