@@ -1,0 +1,127 @@
+"""MoME's mixture of language experts: bottleneck adapters, one chosen per example.
+
+Not the repository's `mole` (`nn/mole.py`: top-k LoRA experts inside the adapted
+projections, per token or per example); docs/DESIGN.md §3.7 sets the two side by side.
+Here each of K experts is a bottleneck adapter parallel to an FFN,
+
+    y_e(x) = s_e * up_e(ReLU(down_e(x)))        down_e: d -> r (64), up_e: r -> d,
+
+and an `InstructionRouter` on the instruction embedding picks one per example:
+
+    R(x) = g * y_e*(x),   e* = argmax_e G(I)_e,   g = 1 + G_e* - stop_gradient(G_e*)
+
+`g` is exactly 1 in the forward pass (the paper's hard top-1 gate); its gradient is
+that of `G_e*`, so the router learns as if the chosen expert were weighted by its
+score (straight-through). Weighting by the score itself (as our MixLoRA does) would
+scale the forward output by `G_e* < 1` and break the stage-2 start below.
+
+The router reads `TokenContext.instance_features`, which the model fills with the
+instruction embedding: never the layer's own tokens, so a causal decoder stays
+causal. Only the chosen expert's weights are gathered per example (`[b, d, r]`),
+so the FLOPs are one expert's. `up` starts at zero, so an untrained mixture adds
+nothing. With `num_experts=1` (stage 1 trains a single adapter) there is no router;
+`experts_from_single_adapter` copies that adapter into every expert for stage 2.
+
+Letters: b batch, t token, e expert, d model width, r bottleneck width.
+"""
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from omni_smola.nn import initializers, routing_stats
+from omni_smola.nn.instruction_router import InstructionRouter
+from omni_smola.nn.token_context import TokenContext
+
+EXPERT_PARAMS = ("down_kernel", "down_bias", "up_kernel", "up_bias", "expert_scale")
+
+
+def straight_through_top1(probabilities):
+  """[b, e] -> (index [b], gate [b]): gate is 1 forward, d gate = d probabilities[index]."""
+  index = jnp.argmax(probabilities, axis=-1)
+  chosen = jnp.take_along_axis(probabilities, index[:, None], axis=-1)[:, 0]
+  return index, 1.0 + chosen - jax.lax.stop_gradient(chosen)
+
+
+class BottleneckMoLE(nn.Module):
+  """[b, t, d] FFN input -> [b, t, d] residual added to the FFN's output.
+
+  Attributes:
+    num_experts: K (the paper's figure draws 4); 1: a single adapter, no router.
+    bottleneck_dim: r (MoME: 64).
+    router_hidden_dim: the router's W1 width; None: the instruction's width.
+  """
+  num_experts: int = 4
+  bottleneck_dim: int = 64
+  router_hidden_dim: Any = None
+  axis: str = "embed"
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, context: TokenContext):
+    batch, length, width = x.shape
+    if self.num_experts < 1:
+      raise ValueError(f"BottleneckMoLE.num_experts must be >= 1, got {self.num_experts}")
+    experts, rank = self.num_experts, self.bottleneck_dim
+
+    def param(name, init, shape, axes):
+      return jnp.asarray(self.param(name, nn.with_logical_partitioning(init, axes), shape,
+                                    self.param_dtype), self.dtype)
+
+    down = param("down_kernel", initializers.down_projection, (experts, width, rank),
+                 ("expert", self.axis, None))
+    down_bias = param("down_bias", nn.initializers.zeros, (experts, rank), ("expert", None))
+    up = param("up_kernel", initializers.up_projection, (experts, rank, width),
+               ("expert", None, self.axis))
+    up_bias = param("up_bias", nn.initializers.zeros, (experts, width), ("expert", self.axis))
+    scale = param("expert_scale", nn.initializers.ones, (experts,), ("expert",))
+
+    if experts == 1:
+      index, gate = jnp.zeros((batch,), jnp.int32), jnp.ones((batch,), jnp.float32)
+    else:
+      if context.instance_features is None:
+        raise ValueError(
+            "BottleneckMoLE routes on the instruction and got no "
+            "TokenContext.instance_features: pass the instruction embedding "
+            "(instruction_router.prompt_embedding); its own tokens would leak future "
+            "positions in a causal decoder")
+      context.check_shapes(batch, length, where="BottleneckMoLE")
+      probabilities = InstructionRouter(experts, self.router_hidden_dim, name="router")(
+          context.instance_features)
+      index, gate = straight_through_top1(probabilities)
+      if routing_stats.wants_stats(self):
+        chosen = jax.nn.one_hot(index, experts)
+        routing_stats.sow_expert_weights(
+            self, jnp.broadcast_to(chosen[:, None, :], (batch, length, experts)),
+            context.valid_mask(batch, length))
+
+    hidden = jax.nn.relu(jnp.einsum("btd,bdr->btr", x.astype(self.dtype), down[index])
+                         + down_bias[index][:, None, :])
+    out = jnp.einsum("btr,brd->btd", hidden, up[index]) + up_bias[index][:, None, :]
+    # The hard gate, the expert's scale and the padding mask are per example or token.
+    weight = (gate * scale[index]).astype(self.dtype)[:, None, None]
+    valid = context.valid_mask(batch, length).astype(self.dtype)[..., None]
+    return out * weight * valid
+
+
+def experts_from_single_adapter(mixture_params, single_params):
+  """Stage 2's start: every expert of `mixture_params` becomes stage 1's adapter.
+
+  Args:
+    mixture_params: a `BottleneckMoLE(num_experts=K)`'s parameters (its router kept).
+    single_params: a trained `BottleneckMoLE(num_experts=1)`'s parameters.
+  Returns:
+    `mixture_params` with each of `EXPERT_PARAMS` the single expert, K times.
+  """
+  copied = dict(mixture_params)
+  for name in EXPERT_PARAMS:
+    source, target = single_params[name], mixture_params[name]
+    if source.shape[0] != 1 or source.shape[1:] != target.shape[1:]:
+      raise ValueError(
+          f"experts_from_single_adapter: {name} of the single adapter has shape "
+          f"{tuple(source.shape)}, the mixture's experts {tuple(target.shape)}: need "
+          f"[1, ...] with the same trailing shape")
+    copied[name] = jnp.broadcast_to(source, target.shape).astype(target.dtype)
+  return copied
