@@ -126,5 +126,49 @@ def logical_to_sharding(logical_tree, mesh: Mesh, rules: LogicalRules):
 
 
 def variables_sharding(abstract_variables, mesh: Mesh, rules: LogicalRules):
-  """NamedShardings for a (boxed) variable tree from `jax.eval_shape(model.init, ...)`."""
-  return logical_to_sharding(nn.get_partition_spec(abstract_variables), mesh, rules)
+  """NamedShardings for a (boxed) variable tree from `jax.eval_shape(model.init, ...)`.
+
+  Raises `MeshDoesNotFitError` when the mesh cannot hold a variable (see
+  `check_mesh_fits`), before anything is initialised, restored or written.
+  """
+  logical = nn.get_partition_spec(abstract_variables)
+  shardings = logical_to_sharding(logical, mesh, rules)
+  check_mesh_fits(nn.meta.unbox(abstract_variables), logical, shardings)
+  return shardings
+
+
+class MeshDoesNotFitError(ValueError):
+  """A mesh splits some variable's dimension into parts of unequal size."""
+
+
+def check_mesh_fits(abstract_tree, logical_tree, sharding_tree) -> None:
+  """Every sharded dimension must divide evenly over its mesh axes.
+
+  JAX refuses uneven shardings, naming a shape but not the variable. A
+  checkpoint restored onto another mesh (DESIGN.md, "Elastic restore") meets
+  this first: (data=1, model=8) cannot hold 4 attention heads. The error names
+  each variable, its logical axis, the mesh axes and the settings to change.
+  """
+  problems = []
+
+  def check(path, leaf, logical, sharding):
+    for dim, (size, axes) in enumerate(zip(leaf.shape, sharding.spec)):
+      axes = () if axes is None else (axes if isinstance(axes, tuple) else (axes,))
+      parts = int(np.prod([sharding.mesh.shape[a] for a in axes], dtype=np.int64))
+      if size % parts:
+        split = " x ".join(f"{a}={sharding.mesh.shape[a]}" for a in axes)
+        problems.append(f"{jax.tree_util.keystr(path, simple=True, separator='/')} "
+                        f"{tuple(leaf.shape)}: dimension {dim} ({logical[dim]!r}, size "
+                        f"{size}) over {split}")
+
+  jax.tree_util.tree_map_with_path(
+      check, abstract_tree, logical_tree, sharding_tree,
+      is_leaf=lambda x: isinstance(x, PartitionSpec))
+  if problems:
+    mesh = next(s.mesh for s in jax.tree_util.tree_leaves(sharding_tree))
+    shape = ", ".join(f"{name}={size}" for name, size in mesh.shape.items())
+    raise MeshDoesNotFitError(
+        f"the mesh ({shape}) does not fit {len(problems)} variables: a dimension the "
+        "logical axis rules shard is not divisible by its mesh axes' size. Choose mesh "
+        "sizes that divide it (create_mesh.model / .expert) or map the logical axis "
+        "elsewhere (logical_axis_rules.extra_rules):\n  " + "\n  ".join(problems))

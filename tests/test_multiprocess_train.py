@@ -3,16 +3,18 @@
 Both processes run `python -m omni_smola.train` (started as `launch/multihost.py
 --local_processes=2` starts them: gloo collectives, coordinator on 127.0.0.1),
 train the tiny model for a few steps with data parallelism over all 8 devices,
-each feeding its own shard of the data, and write one checkpoint together. A
-single process with 8 devices trains the same steps alongside; both must reach
-the same losses and parameters. The synthetic task (multidevice_checks/
-multiprocess_tasks.py) makes "the same data" exact: process p of 2 reads examples
-p, p + 2, ..., so each global batch holds the examples of the single process's
-batch, in another order, which a mean loss does not see.
+each feeding its own rows of the data, and write checkpoints together. Then one
+process on one device resumes their step-1 checkpoint (elastic restore, DESIGN.md
+6.2: another process count, another mesh) and trains step 2: it must reach the
+two processes' step-2 loss and parameters. That also checks the data order: the
+input is shuffled, process p of 2 keeps examples p, p + 2, ... of the one global
+order, and the single process skips the consumed global batch, so its step 2
+sees the examples of the pair's, in another order, which a mean loss does not see.
 """
 import glob
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -35,11 +37,9 @@ TRAIN_ARGS = [
     "--gin.MIXTURE_OR_TASK_NAME=mp_colors",
     "--gin.MIXTURE_OR_TASK_MODULE=multidevice_checks.multiprocess_tasks",
     "--gin.TASK_FEATURE_LENGTHS={'inputs': 40, 'targets': 8}",
-    f"--gin.TRAIN_STEPS={STEPS}", f"--gin.CHECKPOINT_PERIOD={STEPS}", "--gin.BATCH_SIZE=8",
+    f"--gin.TRAIN_STEPS={STEPS}", "--gin.CHECKPOINT_PERIOD=1", "--gin.BATCH_SIZE=8",
     "--gin.EVAL_PERIOD=0", "--gin.WARMUP_STEPS=0", "--gin.LEARNING_RATE=0.05",
     "--gin.omni_smola.training.trainer.train.log_period=1",
-    # In order, so that shard p of 2 holds examples p, p + 2, ... of the single run's order.
-    "--gin_bindings=train/omni_smola.training.data_iterator.DatasetConfig.shuffle = False",
 ]
 
 
@@ -80,18 +80,24 @@ def runs(tmp_path_factory):
   pair = multihost.local_commands(2, 4, TRAIN_ARGS, model_dir=multi_dir,
                                   port=commands.free_port(), env={"XLA_FLAGS": test_flags})
   single = commands.train_argv(TRAIN_ARGS, python=sys.executable, model_dir=single_dir)
-  argvs = [argv for argv, _ in pair] + [single]
-  envs = [dict(env, **extra) for _, extra in pair] + [
-      dict(env, XLA_FLAGS=f"{test_flags} --xla_force_host_platform_device_count=8".strip())]
   logs = [str(root / f"process_{i}.log") for i in range(2)] + [str(root / "single.log")]
-  try:
-    codes = commands.run_all(argvs, timeout=TIMEOUT_S, envs=envs, log_paths=logs, cwd=REPO)
-  except subprocess.TimeoutExpired:
-    pytest.fail(f"the runs did not finish within {TIMEOUT_S} s (all killed):\n" +
-                "\n".join(open(p).read()[-2000:] for p in logs))
-  if any(codes):
-    pytest.fail(f"exit codes {codes}:\n" + "\n".join(
-        f"--- {p}\n{open(p).read()[-4000:]}" for p in logs))
+
+  def run(argvs, envs, log_paths):
+    try:
+      codes = commands.run_all(argvs, timeout=TIMEOUT_S, envs=envs, log_paths=log_paths,
+                               cwd=REPO)
+    except subprocess.TimeoutExpired:
+      pytest.fail(f"the runs did not finish within {TIMEOUT_S} s (all killed):\n" +
+                  "\n".join(open(p).read()[-2000:] for p in log_paths))
+    if any(codes):
+      pytest.fail(f"exit codes {codes}:\n" + "\n".join(
+          f"--- {p}\n{open(p).read()[-4000:]}" for p in log_paths))
+
+  run([argv for argv, _ in pair], [dict(env, **extra) for _, extra in pair], logs[:2])
+  # One process, one device, resumes the pair's step 1.
+  shutil.copytree(os.path.join(multi_dir, "checkpoints", "1"),
+                  os.path.join(single_dir, "checkpoints", "1"))
+  run([single], [dict(env, XLA_FLAGS=test_flags)], logs[2:])
   return {"single": single_dir, "multi": multi_dir, "logs": logs}
 
 
@@ -101,20 +107,23 @@ def test_two_processes_form_one_eight_device_mesh(runs):
       assert f"Process {index} of 2; 4 local / 8 global devices" in f.read()
 
 
-def test_two_processes_reach_the_single_process_losses(runs):
+def test_one_process_resuming_the_pair_reaches_their_next_loss(runs):
   single, multi = _scalar_losses(runs["single"]), _scalar_losses(runs["multi"])
-  assert sorted(single) == sorted(multi) == list(range(1, STEPS + 1))
-  for step in single:
-    assert multi[step] == pytest.approx(single[step], rel=1e-5, abs=1e-6), step
-  assert single[STEPS] != single[1]  # training moved
+  assert sorted(multi) == list(range(1, STEPS + 1)) and sorted(single) == [STEPS]
+  assert single[STEPS] == pytest.approx(multi[STEPS], rel=1e-5, abs=1e-6)
+  assert multi[STEPS] != multi[1]  # training moved
   # Both processes computed (and logged) the same global losses.
-  console = [_losses(log) for log in runs["logs"]]
-  assert console[0] == console[1] and set(console[0]) == set(single)
+  console = [_losses(log) for log in runs["logs"][:2]]
+  assert console[0] == console[1] and set(console[0]) == set(multi)
+  # The pair's iterator states are not for one process: it skipped the consumed batch.
+  with open(runs["logs"][2]) as f:
+    log = f.read()
+  assert "process_count: 2 -> 1" in log and "Skipping the 1 consumed batches" in log, log[-3000:]
 
 
-def test_one_checkpoint_written_together_equals_the_single_process_one(runs):
+def test_the_checkpoints_written_together_equal_the_resumed_single_process_one(runs):
   steps = sorted(os.listdir(os.path.join(runs["multi"], "checkpoints")))
-  assert steps == [str(STEPS)]  # one complete step directory, no leftover temporaries
+  assert steps == ["1", str(STEPS)]  # complete step directories, no leftover temporaries
   for log in runs["logs"][:2]:  # both processes took part in the save
     with open(log) as f:
       assert f"Saving checkpoint for step {STEPS}" in f.read()

@@ -15,8 +15,12 @@ that does not grow with the position (`resume`). When it cannot (no state, or
 the state of another pipeline), it rebuilds the pipeline and skips the
 consumed batches, with a warning naming why: that also yields exactly the
 examples an uninterrupted run would see, but pulls each consumed batch through
-the pipeline again. Each host reads its own shard (`seqio.ShardInfo`) and
-yields its rows of the global batch; `Partitioner.global_batch` assembles them.
+the pipeline again. The order of the examples is the mixture's for the seed,
+whatever the host count: each host keeps every n-th example of that one global
+stream and yields its rows of the global batch, which `Partitioner.global_batch`
+assembles, so global batch k holds the same examples on any number of hosts and
+a run resumed on another host count continues at the same global position
+(DESIGN.md, "Elastic restore").
 """
 import importlib
 import json
@@ -34,9 +38,12 @@ from omni_smola.training import iterator_state
 
 # What a checkpoint's position records about the pipeline. A change of these changes
 # which examples come in which order (neither a saved state nor a skip replays the run):
-ORDER_FIELDS = ("mixture_or_task_name", "split", "batch_size", "seed", "process_count")
-# ... and of these, the batches' shapes only (a skip still replays the examples).
+ORDER_FIELDS = ("mixture_or_task_name", "split", "batch_size", "seed")
+# ... of these, the batches' shapes only (a skip still replays the examples) ...
 SHAPE_FIELDS = ("task_feature_lengths", "image_size")
+# ... and of these, which host reads which rows: the saved per-host iterator states no
+# longer apply, but a skip continues the same global order (`model_dataset`).
+HOST_FIELDS = ("process_count",)
 
 
 @gin.configurable
@@ -104,16 +111,27 @@ def check_batch_size(batch_size: int, data_parallel_size: int) -> int:
 
 
 def model_dataset(cfg: DatasetConfig, image_size: int, *, num_epochs: Optional[int] = None,
-                  shard: bool = True) -> tf.data.Dataset:
-  """The converted (unbatched) model-feature dataset of this host's shard."""
-  shard_info = None
+                  shard: bool = True, examples_to_skip: int = 0) -> tf.data.Dataset:
+  """The converted (unbatched) model-feature dataset of this host's rows.
+
+  Every host builds the same global stream of task examples (a function of the
+  seed: reading, shuffling, mixing, tokenizing) and, with `shard`, host i of n
+  keeps its examples i, i + n, ..., before the feature converter decodes any
+  image. With a batch divisible by n, host i's local batch k is then rows i,
+  i + n, ... of global batch k, whatever n is. That is what makes the host count
+  elastic; it costs each host the reading and tokenizing of every example, which
+  `seqio.ShardInfo` at the source would divide by n but tie the order to n.
+  `examples_to_skip` skips global examples, before any host's share and decoding.
+  """
+  dataset = seqio.get_mixture_or_task(cfg.mixture_or_task_name).get_dataset(
+      cfg.task_feature_lengths, split=cfg.split, use_cached=cfg.use_cached,
+      shuffle=cfg.shuffle, seed=cfg.seed, num_epochs=num_epochs)
+  if examples_to_skip:
+    dataset = dataset.skip(examples_to_skip)
   if shard and jax.process_count() > 1:
-    shard_info = seqio.ShardInfo(index=jax.process_index(), num_shards=jax.process_count())
-  return seqio.get_dataset(
-      cfg.mixture_or_task_name, cfg.task_feature_lengths,
-      feature_converter=PaliFeatureConverter(image_size=image_size),
-      dataset_split=cfg.split, use_cached=cfg.use_cached, shuffle=cfg.shuffle,
-      num_epochs=num_epochs, shard_info=shard_info, seed=cfg.seed, verbose=False)
+    dataset = dataset.shard(jax.process_count(), jax.process_index())
+  return PaliFeatureConverter(image_size=image_size)(
+      dataset, task_feature_lengths=cfg.task_feature_lengths)
 
 
 class TrainBatches(Iterator[Dict[str, np.ndarray]]):
@@ -127,12 +145,12 @@ class TrainBatches(Iterator[Dict[str, np.ndarray]]):
     self.cfg = cfg
     self.image_size = image_size
     self.local_batch_size = check_batch_size(cfg.batch_size, data_parallel_size)
-    dataset = model_dataset(cfg, image_size).batch(self.local_batch_size,
-                                                   drop_remainder=True)
     if batches_to_skip:
       logging.info("Skipping the %d batches the restored run already consumed",
                    batches_to_skip)
-      dataset = dataset.skip(batches_to_skip)
+    # `batches_to_skip` counts global batches: skip their examples in the global order.
+    dataset = model_dataset(cfg, image_size, examples_to_skip=batches_to_skip * cfg.batch_size
+                            ).batch(self.local_batch_size, drop_remainder=True)
     options = tf.data.Options()
     # Checkpointing an iterator refuses stateful functions by default. Ours are the
     # `tf.py_function`s of data/images.py, which decode or check one image and keep
@@ -217,7 +235,7 @@ def resume(cfg: DatasetConfig, image_size: int, data_parallel_size: int,
   consumed = int(position.get("batches_consumed", 0))
   # Recorded changes first: a state saved by two hosts is "missing" for one, but the
   # host count is the reason. A field the position lacks disqualifies a state too.
-  fields = ORDER_FIELDS + SHAPE_FIELDS
+  fields = ORDER_FIELDS + SHAPE_FIELDS + HOST_FIELDS
   changed = pipeline_changes(position, cfg, image_size, fields, unrecorded_changed=False)
   if not changed and state_prefix is not None:
     changed = pipeline_changes(position, cfg, image_size, fields, unrecorded_changed=True)

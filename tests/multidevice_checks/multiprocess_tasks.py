@@ -6,6 +6,9 @@ PNGs, one answer each, byte-level vocabulary (259 ids, fits the `tiny` model), n
 sampling anywhere. So any process reading shard i of n sees exactly the examples
 i, i + n, ... of the unsharded order, and a global batch assembled from n
 processes holds the same examples as one process's batch.
+
+`mp_indexed` names its example's index in the question ("example 17"), so that the
+elastic-restore test can tell which examples a host count saw, once each or not.
 """
 import seqio
 import tensorflow as tf
@@ -31,13 +34,18 @@ def _counts(index):
   return image, "how many squares?", tf.strings.as_string(count)
 
 
+def _indexed(index):
+  image = tf.zeros([16, 16, 3], tf.uint8)
+  return image, tf.strings.join(["example ", tf.strings.as_string(index)]), tf.constant("x")
+
+
 def _source(make):
   def dataset_fn(split, shuffle_files, seed=None):
     del shuffle_files, seed
 
     def example(index):
       image, question, answer = make(tf.cast(index, tf.int32))
-      return {"image": tf.io.encode_png(image), "question": tf.constant(question),
+      return {"image": tf.io.encode_png(image), "question": tf.convert_to_tensor(question),
               "answers": tf.reshape(answer, [1]),
               "image_id": tf.strings.as_string(index), "question_id": tf.constant("q")}
 
@@ -50,3 +58,7 @@ for _name, _make in (("mp_colors", _colors), ("mp_counts", _counts)):
   register_vl_task(_name, source=_source(_make), prompt="answer en {question}",
                    vocabulary=seqio.ByteVocabulary(), sample_target=False)
 register_vl_mixture("mp_mixture", {"mp_colors": 1.0, "mp_counts": 1.0})
+# A small shuffle buffer keeps its pipelines quick; one epoch is still a permutation.
+register_vl_task("mp_indexed", source=_source(_indexed), prompt="{question}",
+                 vocabulary=seqio.ByteVocabulary(), sample_target=False,
+                 shuffle_buffer_size=16)
