@@ -27,6 +27,7 @@ from omni_smola.data import task_id
 from omni_smola.model import PaliModel
 from omni_smola.models import configs
 from omni_smola.nn import AdapterConfigError, AdapterPlan, AdapterSpec
+from omni_smola.nn.accounting import adapter_param_count
 
 TASKS = ("mini_photo_qa", "mini_shapes_count")  # sorted: the bank's row order
 GENERALIST = AdapterSpec(kind="lora", rank=2)
@@ -122,6 +123,9 @@ def test_the_bank_stacks_each_tasks_lora_in_sorted_task_order(runs, bank_params)
   for name in ("text/encoder/layers_0/mlp/wi_0/kernel",
                "text/encoder/layers_0/mlp/wi_0/adapter/lora_b"):
     np.testing.assert_array_equal(np.asarray(bank[name]), generalist[name])
+  d_in, d_out = bank["text/decoder/layers_0/mlp/wo/kernel"].shape
+  assert adapter_param_count(BANK, d_in, d_out) == sum(
+      bank[f"{site}/{factor}"].size for factor in ("lora_a", "lora_b"))
 
 
 def test_a_mixed_batch_equals_each_task_alone_with_its_own_specialist(

@@ -27,6 +27,8 @@ def adapter_param_count(spec: AdapterSpec, d_in: int, d_out: int,
   d_context = d_in if d_context is None else d_context
   if spec.kind == "lora":
     return spec.rank * (d_in + d_out)
+  if spec.kind == "task_lora":  # one LoRA per task of the bank
+    return len(spec.tasks) * spec.rank * (d_in + d_out)
   if spec.kind == "smola":
     return smola_params(spec.num_experts, spec.slots_per_expert, spec.rank, d_in, d_out)
   if spec.kind == "omni_smola":
@@ -64,7 +66,7 @@ def adapter_forward_flops(spec: AdapterSpec, d_in: int, d_out: int,
   d_context = d_in if d_context is None else d_context
   total = tokens["mm"]
   routing = "token" if causal else spec.routing
-  if spec.kind == "lora":
+  if spec.kind in ("lora", "task_lora"):  # a bank runs one specialist per example
     return 2 * total * spec.rank * (d_in + d_out)
   if spec.kind == "smola":
     return smola_flops(spec.num_experts, spec.slots_per_expert, spec.rank, d_in, d_out,
