@@ -33,7 +33,7 @@ from omni_smola.nn.adapter_spec import AdapterSpec
 from omni_smola.nn.lora import LoRA
 from omni_smola.nn.mixlora import MixLoRA
 from omni_smola.nn.mole import MoLE
-from omni_smola.nn.omni_smola import OmniSMoLA
+from omni_smola.nn.omni_smola import OmniSMoLA, fuses_input_projection
 from omni_smola.nn.task_lora import TaskLoRA
 from omni_smola.nn.token_context import TokenContext
 
@@ -125,10 +125,18 @@ class AdaptedDense(nn.Module):
     kernel = self.param("kernel", kernel_init, in_shape + features, self.param_dtype)
     kernel = jnp.asarray(kernel, self.dtype)
     inputs = jnp.asarray(inputs, self.dtype)
-    contract = (axis, tuple(range(len(axis))))
-    outputs = jax.lax.dot_general(inputs, kernel, (contract, ((), ())),
-                                  precision=self.precision)
-    for slot, spec in self.plan.residual_slots(self.path_name):
+    slots = self.plan.residual_slots(self.path_name)
+    if slots and fuses_input_projection(slots[0][1], context or TokenContext()):
+      # The first slot's adapter computes `x W` with its own input products (one read
+      # of x: `OmniSMoLA`, input fusion); later slots add their residuals as usual.
+      (slot, spec), slots = slots[0], slots[1:]
+      outputs = self._adapter_residual(spec, slot, inputs, axis, in_shape, features,
+                                       context, kernel=kernel)
+    else:
+      contract = (axis, tuple(range(len(axis))))
+      outputs = jax.lax.dot_general(inputs, kernel, (contract, ((), ())),
+                                    precision=self.precision)
+    for slot, spec in slots:
       outputs = outputs + self._adapter_residual(
           spec, slot, inputs, axis, in_shape, features, context)
     return outputs
@@ -142,7 +150,9 @@ class AdaptedDense(nn.Module):
   def plan(self) -> AdapterPlan:
     return plan_of(self)
 
-  def _adapter_residual(self, spec, name, inputs, axis, in_shape, features, context):
+  def _adapter_residual(self, spec, name, inputs, axis, in_shape, features, context,
+                        kernel=None):
+    """The adapter's residual [b, t, *features]; with `kernel`, `x W` plus it."""
     leading = [a for a in range(inputs.ndim) if a not in axis]
     if leading != [0, 1] or axis != tuple(range(2, inputs.ndim)):
       raise ValueError(
@@ -158,5 +168,9 @@ class AdaptedDense(nn.Module):
         out_axis=_joined_axis_name(names[len(axis):]),
         dtype=self.dtype, param_dtype=self.param_dtype, name=name)
     flat_inputs = inputs.reshape(batch, length, -1)
-    residual = adapter(flat_inputs, context)
+    if kernel is None:
+      residual = adapter(flat_inputs, context)
+    else:
+      residual = adapter(flat_inputs, context, kernel.reshape(flat_inputs.shape[-1], -1),
+                         self.precision)
     return residual.reshape((batch, length) + features)

@@ -27,7 +27,12 @@ def mix_stacked(x, down, up, gates):
   x: [b, t, d], down: [d, e * r] (all A side by side), up: [e * r, f],
   gates: [b, t, e] -> [b, t, f].
   """
-  hidden = product("btd,dk->btk", x, down)
+  return mix_down_projected(product("btd,dk->btk", x, down), up, gates)
+
+
+def mix_down_projected(hidden, up, gates):
+  """The second half of `mix_stacked`, from `hidden = x A_all: [b, t, e * r]` computed
+  elsewhere (in one product with the frozen kernel: `OmniSMoLA`'s input fusion)."""
   hidden = hidden.reshape(gates.shape + (-1,)) * gates[..., None]  # [b, t, e, r]
   return product("btk,kf->btf", hidden.reshape(gates.shape[:2] + (-1,)), up)
 

@@ -17,24 +17,54 @@ stacked B). Routing with separate calls per block would read the activations
 once per block and add the outputs afterwards; at these widths those passes
 cost more than the adapter's FLOPs.
 
+Input fusion. The frozen projection `x W`, the router logits `x Phi` and, routed
+per token, every expert's `x A` all read the segment's tokens. Given the frozen
+kernel (`AdaptedDense` hands it over where `fuses_input_projection` says so), a
+segment runs ONE product against `[W | Phi | A_all]` (`products.joint_product`) and
+returns `x W` plus the residual; the parameters stay where they are, joined only
+for the product. `input_fusion` (gin) turns it on or off per routing.
+
 Letters: b batch, t token, s slot (expert-major), d input width, f output width.
 Slot arrays are batch-major (`[b, s, d]`), so dispatch and combine are plain
 batched matmuls over the examples with no transposes of the activations.
 """
 import dataclasses
-from typing import Any, Dict, List, Mapping, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import flax.linen as nn
+import gin
 import jax
 import jax.numpy as jnp
 
-from omni_smola.nn.low_rank_experts import mix_stacked
-from omni_smola.nn.products import product
+from omni_smola.nn.adapter_spec import AdapterSpec
+from omni_smola.nn.low_rank_experts import mix_down_projected
+from omni_smola.nn.products import joint_product, product
 from omni_smola.nn.smola import SMoLAGroup, masked_softmax_over_tokens
 from omni_smola.nn.soft_router import inverse_token_norm
 from omni_smola.nn.token_context import TokenContext
 
 GROUPS = ("mm", "vis", "txt")
+FUSING_KINDS = ("smola", "omni_smola")  # the AdapterSpec kinds this module implements
+
+
+@gin.configurable(module="omni_smola.nn.omni_smola")
+def input_fusion(sequence_routing: bool = True, token_routing: bool = True) -> Dict[str, bool]:
+  """Whether (Omni-)SMoLA projections read their input once, per routing.
+
+  `sequence_routing`: `[W | Phi]` (the encoder's router logits); `token_routing`
+  (also every causal layer, the decoder): `[W | Phi | A_all]`. The defaults are what
+  benchmarks/pali3_block.py measured (docs/DESIGN.md, section 7). gin, e.g.
+  `omni_smola.nn.omni_smola.input_fusion.token_routing = False`.
+  """
+  return {"sequence": sequence_routing, "token": token_routing}
+
+
+def fuses_input_projection(spec: AdapterSpec, context) -> bool:
+  """Whether an `AdaptedDense` carrying `spec` lets the adapter compute `x W` too."""
+  if spec.kind not in FUSING_KINDS:
+    return False
+  routing = "token" if context.causal or spec.routing == "token" else "sequence"
+  return input_fusion()[routing]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +103,9 @@ class OmniSMoLA(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, context: TokenContext):
+  def __call__(self, x, context: TokenContext, kernel: Optional[jnp.ndarray] = None,
+               precision=None):
+    """The residual [b, t, f]; given the frozen `kernel: [d, f]`, `x W` plus it (fused)."""
     batch, length = x.shape[:2]
     enabled = tuple(g for g in GROUPS if self.experts_per_group.get(g, 0))
     segments, masked = plan_segments(context, length, enabled)
@@ -93,17 +125,26 @@ class OmniSMoLA(nn.Module):
 
     # Each segment's tokens are sliced once and shared by every step below.
     segment_tokens = [x[:, segment.start:segment.stop] for segment in segments]
-    pieces, logits = [], []
+    causal_or_token = context.causal or self.routing == "token"
+    pieces, logits, projected, down_projected = [], [], [], []
     for segment, tokens in zip(segments, segment_tokens):
       slots = jnp.concatenate([blocks[g].router.scaled_unit_slots() for g in segment.groups], 1)
-      segment_logits = product("btd,ds->bts", tokens.astype(jnp.float32), slots)
+      if kernel is None:
+        segment_logits = product("btd,ds->bts", tokens.astype(jnp.float32), slots)
+      else:
+        parts = (kernel, slots) + ((self._stacked_down(segment, blocks),)
+                                   if causal_or_token else ())
+        outputs = joint_product("btd,dk->btk", tokens, parts, precision)
+        projected.append(outputs[0].astype(self.dtype))
+        segment_logits = outputs[1]
+        down_projected.append(outputs[2].astype(self.dtype) if causal_or_token else None)
       segment_logits *= inverse_token_norm(tokens)[..., None]
       logits.append(self._split_by_group(segment_logits, segment, blocks))
-    causal_or_token = context.causal or self.routing == "token"
     combine = self._combine_weights(segments, logits, group_masks, blocks)
     if causal_or_token:
-      for segment, tokens, segment_combine in zip(segments, segment_tokens, combine):
-        pieces.append(self._token_routed(tokens, segment, segment_combine, blocks))
+      for i, (segment, tokens) in enumerate(zip(segments, segment_tokens)):
+        pieces.append(self._token_routed(tokens, segment, combine[i], blocks,
+                                         down_projected[i] if projected else None))
     else:
       dispatch = self._dispatch_weights(segments, logits, group_masks)
       slot_outputs = self._slot_outputs(segment_tokens, segments, dispatch, blocks)
@@ -111,7 +152,13 @@ class OmniSMoLA(nn.Module):
         weights = jnp.concatenate([segment_combine[g] for g in segment.groups], -1)
         outputs = jnp.concatenate([slot_outputs[g] for g in segment.groups], 1)
         pieces.append(product("bts,bsf->btf", weights.astype(self.dtype), outputs))
-    return self._assemble(pieces, segments, batch, length)
+    if kernel is None:
+      return self._assemble(pieces, segments, length, lambda start, stop: jnp.zeros(
+          (batch, stop - start, self.out_features), self.dtype))
+    return self._assemble(
+        [p + q for p, q in zip(projected, pieces)], segments, length,
+        lambda start, stop: jnp.einsum("btd,df->btf", x[:, start:stop], kernel,
+                                       precision=precision))
 
   def _split_by_group(self, segment_logits, segment, blocks) -> Dict[str, jnp.ndarray]:
     parts, offset = {}, 0
@@ -165,19 +212,27 @@ class OmniSMoLA(nn.Module):
         offset += size
     return {g: blocks[g].slot_outputs(sum(parts)) for g, parts in slot_inputs.items()}
 
-  def _token_routed(self, tokens, segment, segment_combine, blocks):
-    """y = sum over the segment's experts (all its blocks' stacked) of gate * x A B."""
+  def _stacked_down(self, segment, blocks):
+    """The A of every expert of the segment's blocks side by side: [d, e_all * r]."""
+    return jnp.concatenate([blocks[g].experts.stacked_down() for g in segment.groups], 1)
+
+  def _token_routed(self, tokens, segment, segment_combine, blocks, down_projected=None):
+    """y = sum over the segment's experts (all its blocks' stacked) of gate * x A B.
+
+    `down_projected`: `x A_all` when the fused product already computed it."""
     gates = []
     for g in segment.groups:
       weights = segment_combine[g]
       gates.append(weights.reshape(weights.shape[:2] + (blocks[g].num_experts, -1)).sum(-1))
     gates = jnp.concatenate(gates, -1).astype(self.dtype)  # [b, t, e_all]
-    down = jnp.concatenate([blocks[g].experts.stacked_down() for g in segment.groups], 1)
+    if down_projected is None:
+      down_projected = product("btd,dk->btk", tokens, self._stacked_down(segment, blocks))
     up = jnp.concatenate([blocks[g].experts.stacked_up() for g in segment.groups], 0)
-    return mix_stacked(tokens, down, up, gates)
+    return mix_down_projected(down_projected, up, gates)
 
-  def _assemble(self, pieces, segments, batch, length):
-    """Joins the segments' outputs in token order, zeros where no block acts.
+  def _assemble(self, pieces, segments, length, gap):
+    """Joins the segments' outputs in token order, `gap(start, stop)` where no block
+    acts (zeros for the residual alone, `x W` when fused).
 
     A concatenation, whose gradient is plain slices of the cotangent (writing
     the pieces into a zero buffer would also differentiate the buffer: two more
@@ -185,9 +240,9 @@ class OmniSMoLA(nn.Module):
     parts, position = [], 0
     for piece, segment in zip(pieces, segments):
       if segment.start > position:
-        parts.append(jnp.zeros((batch, segment.start - position, self.out_features), self.dtype))
+        parts.append(gap(position, segment.start))
       parts.append(piece)
       position = segment.stop
     if position < length:
-      parts.append(jnp.zeros((batch, length - position, self.out_features), self.dtype))
+      parts.append(gap(position, length))
     return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
