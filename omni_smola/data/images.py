@@ -12,6 +12,10 @@ page is ~10 MB decoded, ~200 kB encoded).
   others pay for `tf.py_function`, which can name the example.
 * `drop_unreadable_images`: a task preprocessor for tasks registered with
   on_corrupt_image="skip"; drops (and counts) examples whose image does not decode.
+* `apply_corrupt_image_policy`: every task's preprocessor that applies its policy, the
+  registered one or gin's `on_corrupt_image.by_task` (read when a dataset is built, as
+  prompts read their style); `check_corrupt_image_overrides` refuses an override that
+  names a task the run does not use (it would change nothing).
 * `resize_and_normalize`: uint8 [h, w, 3] -> float32 [H, W, 3] in [-1, 1].
 """
 from __future__ import annotations
@@ -19,9 +23,10 @@ from __future__ import annotations
 import collections
 import re
 import threading
-from typing import Sequence
+from typing import Iterable, Mapping, Optional, Sequence
 
 from absl import logging
+import gin
 import tensorflow as tf
 
 ON_CORRUPT_RAISE = "raise"
@@ -161,6 +166,43 @@ def drop_unreadable_images(dataset: tf.data.Dataset, *, task_name: str) -> tf.da
     return ok
 
   return dataset.filter(keep)
+
+
+@gin.configurable(module="omni_smola.data")
+def on_corrupt_image(by_task: Optional[Mapping[str, str]] = None) -> dict[str, str]:
+  """{task: 'raise' | 'skip'}: policies that replace the tasks' registered ones.
+
+      omni_smola.data.on_corrupt_image.by_task = {'textcaps': 'skip'}
+  """
+  by_task = by_task or {}
+  for task, policy in by_task.items():
+    if policy not in (ON_CORRUPT_RAISE, ON_CORRUPT_SKIP):
+      raise ValueError(f"on_corrupt_image.by_task[{task!r}] must be {ON_CORRUPT_RAISE!r} or "
+                       f"{ON_CORRUPT_SKIP!r}, got {policy!r}")
+  return dict(by_task)
+
+
+def check_corrupt_image_overrides(task_names: Iterable[str]) -> None:
+  """Raises naming each overridden task that is not among `task_names` (a no-op binding)."""
+  used = set(task_names)
+  unused = sorted(set(on_corrupt_image()) - used)
+  if unused:
+    raise ValueError(f"on_corrupt_image.by_task names {unused}, which this run neither trains "
+                     f"nor evaluates on (its tasks: {sorted(used)}): the binding would change "
+                     "nothing")
+
+
+def apply_corrupt_image_policy(dataset: tf.data.Dataset, *, task_name: str,
+                               registered: str) -> tf.data.Dataset:
+  """The task's preprocessor for unreadable images: gin's override, else `registered`.
+
+  'skip' drops and counts them here (`drop_unreadable_images`); 'raise' leaves them to
+  the feature converter, whose decode names the task and the example.
+  """
+  policy = on_corrupt_image().get(task_name, registered)
+  if policy == ON_CORRUPT_SKIP:
+    return drop_unreadable_images(dataset, task_name=task_name)
+  return dataset
 
 
 def resize_and_normalize(image: tf.Tensor, image_size: Sequence[int]) -> tf.Tensor:

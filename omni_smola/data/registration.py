@@ -164,7 +164,8 @@ def build_vl_task(
     sample_target: draw the training target among `answers` (else take the first one).
     on_corrupt_image: "raise": the feature converter raises CorruptImageError naming the
       example; "skip": the task drops (logs and counts) such examples, at the cost of
-      decoding every image once more.
+      decoding every image once more. gin's `omni_smola.data.on_corrupt_image.by_task`
+      overrides it per task name.
     source_preprocessors: run first, to map a source's own features onto the contract.
     shuffle_buffer_size: seqio's shuffle buffer for this task.
   """
@@ -177,8 +178,8 @@ def build_vl_task(
       functools.partial(preprocessors.format_vl_example, prompt=prompt, task_id=identifier,
                         sample_target=sample_target),
   ]
-  if on_corrupt_image == images.ON_CORRUPT_SKIP:
-    task_preprocessors.append(functools.partial(images.drop_unreadable_images, task_name=name))
+  task_preprocessors.append(functools.partial(  # gin may override the policy per task
+      images.apply_corrupt_image_policy, task_name=name, registered=on_corrupt_image))
   task_preprocessors += [preprocessors.tokenize_text, seqio.preprocessors.append_eos_after_trim]
   return VLTask(
       name,

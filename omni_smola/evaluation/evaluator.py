@@ -9,7 +9,9 @@ directory:
                                          references, raw decoded output, ids
 
 and, given a clu writer, one TensorBoard scalar per `task/metric`. Only the first
-process writes. Every process runs every batch (each contributes its rows of the
+process writes. A task whose metrics raise is logged with its name and left out of
+that step's results (`ModelEvaluator.last_failures` says why); the other tasks are
+recorded as usual. Every process runs every batch (each contributes its rows of the
 global batch), so predictions come back whole on every host.
 """
 import json
@@ -96,6 +98,28 @@ def scalar_metrics(task_metrics: Mapping[str, Any]) -> Dict[str, float]:
   return flat
 
 
+class _TaskIsolatingEvaluator(seqio.Evaluator):
+  """seqio's Evaluator, where a task whose metrics raise costs that task only.
+
+  seqio computes every task's metrics in one loop and re-raises the first error,
+  losing the other tasks' results; this records the failure per task instead
+  (`failures`, {task: reason}) and gives the task no metrics.
+  """
+
+  def __init__(self, *args, **kwargs):
+    super().__init__(*args, **kwargs)
+    self.failures: Dict[str, str] = {}
+
+  def _compute_clu_metrics(self, task, task_output, step=None):
+    try:
+      return super()._compute_clu_metrics(task, task_output, step)
+    except Exception as error:  # pylint: disable=broad-except  # a task's own metric code
+      self.failures[task.name] = f"{type(error).__name__}: {error}"
+      logging.exception("eval step %s: the metrics of task %r raised; its results are left "
+                        "out of this evaluation", step, task.name)
+      return None
+
+
 @gin.configurable(denylist=["model", "partitioner", "params_sharding"])
 class ModelEvaluator:
   """Evaluates parameters of `model` on a seqio task or mixture.
@@ -127,7 +151,8 @@ class ModelEvaluator:
                        f"{jax.process_count()} processes and the data-parallel mesh size "
                        f"{partitioner.data_parallel_size}")
     image_size = model.config.vision.image_size if model.config.vision else 224
-    self.evaluator = seqio.Evaluator(
+    self.last_failures: Dict[str, str] = {}  # {task: reason} of the last evaluation
+    self.evaluator = _TaskIsolatingEvaluator(
         mixture_or_task_name=dataset_cfg.mixture_or_task_name,
         feature_converter=PaliFeatureConverter(image_size=image_size),
         eval_split=dataset_cfg.split, use_cached=dataset_cfg.use_cached,
@@ -191,9 +216,12 @@ class ModelEvaluator:
       return [(index, float(score))
               for index, score in self._run("score", self._score, params, dataset)]
 
+    self.evaluator.failures.clear()
     future, _ = self.evaluator.evaluate(compute_metrics=True, step=step,
                                         predict_fn=predict_fn, score_fn=score_fn)
-    results = {task: scalar_metrics(metrics) for task, metrics in future.result().items()}
+    results = {task: scalar_metrics(metrics) for task, metrics in future.result().items()
+               if metrics is not None}
+    self.last_failures = dict(self.evaluator.failures)
     self._record(step, results)
     return results
 

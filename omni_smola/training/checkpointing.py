@@ -16,7 +16,14 @@ Layout under MODEL_DIR:
 
 Orbax writes each step into a temporary directory and renames it when complete,
 so a run killed mid-save leaves the previous checkpoint intact. Saves are
-asynchronous (the device-to-host copy blocks, the writing does not).
+asynchronous (the device-to-host copy blocks, the writing does not); a write
+that fails (disk full, permissions) stops the run with `CheckpointWriteError`
+naming the step and the last complete checkpoint, which stays as it was.
+
+A resume reads the latest step that restores (`restore_latest_readable`): a
+step whose files are missing or cut short is renamed `<step>.unreadable` (kept
+for inspection, never deleted) with a warning naming it, and the step before
+is tried; when none restores, the run stops rather than start from scratch.
 
 `resolve_checkpoint` turns what users pass as a checkpoint (a MODEL_DIR, its
 `checkpoints/` or `best/` directory or one step directory) into a step directory;
@@ -29,6 +36,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from absl import logging
 import gin
+import jax
+from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
@@ -44,6 +53,15 @@ STATE_ITEM = "state"
 DATA_ITEM = "data"
 ADAPTERS_ITEM = "adapters"
 DATA_ITERATOR_ITEM = iterator_state.DATA_ITERATOR_ITEM
+UNREADABLE_SUFFIX = ".unreadable"
+
+
+class CheckpointWriteError(RuntimeError):
+  """Writing a checkpoint failed; the earlier complete ones are untouched."""
+
+
+class UnreadableCheckpointError(RuntimeError):
+  """No checkpoint of a run can be read (each was set aside, named in the message)."""
 
 
 @gin.configurable
@@ -109,6 +127,8 @@ class RunCheckpointer:
     self.adapters_directory = os.path.join(model_dir, ADAPTERS_SUBDIR)
     self._manager: Optional[ocp.CheckpointManager] = None
     self._adapters_manager: Optional[ocp.CheckpointManager] = None
+    self._pending_step: Optional[int] = None  # an asynchronous save still writing
+    self._failed = False
 
   def _options(self):
     return ocp.CheckpointManagerOptions(
@@ -140,8 +160,17 @@ class RunCheckpointer:
     `data_iterator` (`TrainBatches.checkpointable`), when given, is saved in the
     same step, each process its own (unless `config.save_data_iterator` is off).
     """
+    self._finish_pending()
     if step in self.manager.all_steps():
       return
+    try:
+      self._save(step, state_tree, data_position, params, data_iterator)
+    except Exception as error:  # whatever the storage raised: say which step and what is safe
+      raise self._write_error(step, error) from error
+    self._pending_step = step if self.config.use_async else None
+    logging.info("Saving checkpoint for step %d to %s", step, self.directory)
+
+  def _save(self, step, state_tree, data_position, params, data_iterator) -> None:
     items = {STATE_ITEM: ocp.args.StandardSave(state_tree),
              DATA_ITEM: ocp.args.JsonSave(dict(data_position))}
     if data_iterator is not None and self.config.save_data_iterator:
@@ -156,7 +185,28 @@ class RunCheckpointer:
               item_handlers={ADAPTERS_ITEM: ocp.StandardCheckpointHandler()})
         self._adapters_manager.save(step, args=ocp.args.Composite(**{
             ADAPTERS_ITEM: ocp.args.StandardSave({"params": adapters})}), force=True)
-    logging.info("Saving checkpoint for step %d to %s", step, self.directory)
+
+  def _finish_pending(self) -> None:
+    """Waits for the background write of the last save; its failure raises, naming it."""
+    step, self._pending_step = self._pending_step, None
+    try:
+      for manager in (self._manager, self._adapters_manager):
+        if manager is not None:
+          manager.wait_until_finished()
+          manager.check_for_errors()
+    except Exception as error:  # pylint: disable=broad-except
+      raise self._write_error(step, error) from error
+
+  def _write_error(self, step: Optional[int], error: BaseException) -> CheckpointWriteError:
+    self._failed = True
+    complete = [s for s, _ in _step_dirs(self.directory) if s != step]
+    kept = (f"the last complete checkpoint, step {complete[-1]} in {self.directory}, is intact "
+            "and a relaunch resumes from it" if complete else
+            f"no complete checkpoint is in {self.directory} yet")
+    return CheckpointWriteError(
+        f"writing the checkpoint of step {step} to {self.directory} failed "
+        f"({type(error).__name__}: {error}); the run stops: {kept}. Free space or fix the "
+        "storage, then relaunch.")
 
   def restore(self, step: int, abstract_state: Mapping[str, Any]
               ) -> Tuple[Dict[str, Any], Dict[str, Any]]:
@@ -167,6 +217,54 @@ class RunCheckpointer:
         DATA_ITEM: ocp.args.JsonRestore()}))
     return restored[STATE_ITEM], dict(restored[DATA_ITEM] or {})
 
+  def restore_latest_readable(self, abstract_state: Mapping[str, Any]
+                              ) -> Tuple[int, Dict[str, Any], Dict[str, Any]]:
+    """(step, state tree, data position) of the latest step that restores.
+
+    A step that fails to read (a file removed, bytes cut) is renamed
+    `<step>.unreadable` beside the others, with a warning naming it, and the step
+    before it is tried: the next save of that step number cannot collide with it,
+    and nothing the user had is deleted. A checkpoint of another model or adapter
+    config raises `CheckpointMismatchError` at once (the earlier steps would not
+    fit either). When no step restores, `UnreadableCheckpointError` names them all:
+    starting from scratch over a run's checkpoints is never silent.
+    """
+    unreadable = []
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        state, position = self.restore(step, abstract_state)
+      except CheckpointMismatchError:
+        raise
+      except Exception as error:  # pylint: disable=broad-except  # any reader's failure
+        reason = f"{type(error).__name__}: {_first_line(error)}"
+        moved = self._set_aside(step)
+        logging.warning("The checkpoint of step %d in %s cannot be read (%s); moved it to %s "
+                        "and trying the previous one", step, self.directory, reason, moved)
+        unreadable.append(f"step {step} ({reason}), now {moved}")
+        continue
+      if unreadable:
+        logging.warning("Resuming from step %d: the later checkpoint could not be read: %s",
+                        step, "; ".join(unreadable))
+      return step, state, position
+    raise UnreadableCheckpointError(
+        f"no checkpoint in {self.directory} can be read: " + "; ".join(unreadable)
+        + ". Not starting from scratch over them: move MODEL_DIR aside to start a new run.")
+
+  def _set_aside(self, step: int) -> str:
+    """Renames the step directory `<step>.unreadable` (numbered if taken); returns it."""
+    source = os.path.join(self.directory, str(step))
+    target = source + UNREADABLE_SUFFIX
+    if jax.process_index() == 0:
+      number = 1
+      while os.path.exists(target):
+        number += 1
+        target = f"{source}{UNREADABLE_SUFFIX}.{number}"
+      os.rename(source, target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"set aside unreadable checkpoint {step}")
+    self.manager.reload()
+    return target
+
   def data_iterator_state(self, step: int) -> Tuple[Optional[str], Optional[str]]:
     """(this process's iterator state prefix in `step`, None), or (None, why none)."""
     return iterator_state.locate(os.path.join(self.directory, str(step)))
@@ -176,7 +274,7 @@ class RunCheckpointer:
     metadata = self.manager.item_metadata(step)[STATE_ITEM]
     tree = getattr(metadata, "tree", metadata)
     if tree is None:
-      raise CheckpointMismatchError(f"{self.directory}/{step} has no readable `{STATE_ITEM}`")
+      raise UnreadableCheckpointError(f"{self.directory}/{step} has no readable `{STATE_ITEM}`")
     saved = _flat_shapes(tree.get("params", {}) if isinstance(tree, Mapping) else {})
     wanted = _flat_shapes(abstract_state["params"])
     problems = [f"missing: {k} (model shape {wanted[k]}) is not in the checkpoint"
@@ -192,16 +290,30 @@ class RunCheckpointer:
           + "\n  ".join(problems))
 
   def wait(self) -> None:
-    for manager in (self._manager, self._adapters_manager):
-      if manager is not None:
-        manager.wait_until_finished()
+    self._finish_pending()
 
   def close(self) -> None:
-    for manager in (self._manager, self._adapters_manager):
-      if manager is not None:
-        manager.wait_until_finished()
-        manager.close()
-    self._manager = self._adapters_manager = None
+    """Finishes the last save (raising `CheckpointWriteError` if it failed) and closes.
+
+    After a failure already raised, closing only releases the managers.
+    """
+    try:
+      if not self._failed:
+        self._finish_pending()
+    finally:
+      for manager in (self._manager, self._adapters_manager):
+        if manager is not None:
+          try:
+            manager.close()
+          except Exception as error:  # pylint: disable=broad-except
+            if not self._failed:
+              raise self._write_error(self._pending_step, error) from error
+      self._manager = self._adapters_manager = None
+
+
+def _first_line(error: BaseException) -> str:
+  text = str(error).strip()
+  return text.splitlines()[0] if text else repr(error)
 
 
 def _flat_shapes(tree) -> Dict[str, tuple]:

@@ -10,7 +10,7 @@ evaluation) through clu's metric writers; only the first process writes.
 import collections
 import os
 import time
-from typing import Dict, Mapping
+from typing import Callable, Dict, Mapping, Optional
 
 from absl import logging
 import jax
@@ -58,11 +58,16 @@ def format_duration(seconds: float) -> str:
 
 
 class TrainMetricsLogger:
-  """Accumulates per-step metric sums; `write` logs a window's averages and rates."""
+  """Accumulates per-step metric sums; `write` logs a window's averages and rates.
+
+  `counters`, when given, returns run-long counts (e.g. `skipped_examples`, the
+  examples the input pipeline dropped) written with every window's scalars.
+  """
 
   def __init__(self, model_dir: str, total_steps: int, batch_size: int,
-               writer=None):
+               writer=None, counters: Optional[Callable[[], Mapping[str, float]]] = None):
     self.writer = writer if writer is not None else create_writer(model_dir, "train")
+    self.counters = counters
     self.total_steps = total_steps
     self.batch_size = batch_size
     self._sums: Dict[str, float] = collections.defaultdict(float)
@@ -99,6 +104,8 @@ class TrainMetricsLogger:
         "examples_per_second": steps_per_second * self.batch_size,
         "nonfinite_steps": self._sums["nonfinite"],
     }
+    if self.counters is not None:
+      scalars.update(self.counters())
     self.writer.write_scalars(step, scalars)
     eta = (self.total_steps - step) / steps_per_second
     logging.info(
@@ -106,6 +113,11 @@ class TrainMetricsLogger:
         "  |  ETA %s", step, self.total_steps, scalars["loss"], 100 * scalars["accuracy"],
         scalars["learning_rate"], steps_per_second, scalars["examples_per_second"],
         format_duration(eta))
+    if scalars.get("skipped_examples"):
+      logging.warning("step %d: %d examples skipped so far (unreadable images): %s", step,
+                      scalars["skipped_examples"],
+                      {k.split("/", 1)[1]: int(v) for k, v in scalars.items()
+                       if k.startswith("skipped_examples/")})
     self.history.append((step, scalars["loss"]))
     self._sums.clear()
     self._steps = 0

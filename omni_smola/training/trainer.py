@@ -15,6 +15,13 @@
    (and keeping the best checkpoint by average validation score under
    MODEL_DIR/best/, `best_checkpoint.py`), stopping cleanly on SIGTERM and
    loudly on a non-finite loss.
+
+What survives a fault (DESIGN.md, "Faults: what survives"): a killed run resumes
+from its last complete checkpoint, an unreadable latest checkpoint is set aside
+for the one before (`RunCheckpointer.restore_latest_readable`), a failed write
+stops the run with `CheckpointWriteError` and the previous checkpoint intact, an
+evaluation that raises is logged and training goes on, and examples dropped for
+unreadable images are counted in the train metrics (`skipped_examples`).
 """
 import dataclasses
 import os
@@ -26,8 +33,10 @@ from flax import traverse_util
 import gin
 import jax
 import numpy as np
+import seqio
 
 from omni_smola import param_layout
+from omni_smola.data import images
 from omni_smola.training import best_checkpoint, checkpointing, data_iterator, faults
 from omni_smola.training import metrics_logging, microbatches
 from omni_smola.training import optimizers, partitioned_step
@@ -49,6 +58,8 @@ class TrainResult:
   loss_history: List[Tuple[int, float]] = dataclasses.field(default_factory=list)
   eval_results: Dict[int, Dict[str, Dict[str, float]]] = dataclasses.field(
       default_factory=dict)
+  # {step: {task or "evaluation": reason}} of the evaluations that raised (training went on)
+  eval_failures: Dict[int, Dict[str, str]] = dataclasses.field(default_factory=dict)
 
 
 def input_shapes(model, cfg: data_iterator.DatasetConfig, batch_size: int = 1):
@@ -125,6 +136,9 @@ def _validate(model_dir, train_dataset_cfg, infer_eval_dataset_cfg, train_steps,
   if infer_eval_dataset_cfg is not None:
     data_iterator.check_registered(infer_eval_dataset_cfg.mixture_or_task_name,
                                    infer_eval_dataset_cfg.module)
+  images.check_corrupt_image_overrides(
+      task.name for cfg in (train_dataset_cfg, infer_eval_dataset_cfg) if cfg is not None
+      for task in seqio.get_subtasks(seqio.get_mixture_or_task(cfg.mixture_or_task_name)))
   if initial_checkpoint_path and not resuming:
     checkpointing.resolve_checkpoint(initial_checkpoint_path)
 
@@ -136,6 +150,40 @@ def _write_operative_config(model_dir: str) -> None:
   os.makedirs(model_dir, exist_ok=True)
   with open(os.path.join(model_dir, "config.gin"), "w") as f:
     f.write(gin.operative_config_str())
+
+
+def _evaluate(evaluator, params, step: int
+              ) -> Tuple[Dict[str, Dict[str, float]], Dict[str, str]]:
+  """(results, {task: reason} of what raised): an evaluation never stops training.
+
+  A task whose metrics raise is left out by the evaluator; anything else that raises
+  (prediction, the data) loses this evaluation, logged, and the next one runs.
+  """
+  try:
+    results = evaluator.evaluate(params, step)
+  except Exception as error:  # pylint: disable=broad-except
+    logging.exception("The evaluation at step %d failed over tasks %s; training goes on",
+                      step, evaluator.task_names)
+    return {}, {"evaluation": f"{type(error).__name__}: {error}"}
+  return results, dict(evaluator.last_failures)
+
+
+def _skipped_examples_counter() -> Callable[[], Dict[str, float]]:
+  """The train metrics' counts of examples dropped for unreadable images since now.
+
+  `skipped_examples` in all, and `skipped_examples/<task>` per task; the pipeline
+  reads ahead, so the count includes batches prefetched but not yet trained on.
+  """
+  baseline = images.skipped_image_counts()
+
+  def counts() -> Dict[str, float]:
+    now = images.skipped_image_counts()
+    per_task = {task: now[task] - baseline.get(task, 0) for task in now}
+    scalars = {f"skipped_examples/{task}": float(n) for task, n in per_task.items() if n}
+    scalars["skipped_examples"] = float(sum(per_task.values()))
+    return scalars
+
+  return counts
 
 
 @gin.configurable(denylist=["callbacks"])
@@ -217,8 +265,9 @@ def train(*, model, model_dir: str, train_dataset_cfg: data_iterator.DatasetConf
   init_rng, dropout_rng = jax.random.split(rng)
   position = None
   if latest is not None:
+    latest, restored, position = checkpointer.restore_latest_readable(
+        _abstract_checkpoint(layout, tx))
     logging.info("Resuming from the checkpoint of step %d in %s", latest, checkpointer.directory)
-    restored, position = checkpointer.restore(latest, _abstract_checkpoint(layout, tx))
     trainable, frozen = split_params(restored["params"], layout.mask)
     state = TrainState(step=restored["step"], trainable=trainable,
                        opt_state=restored["opt_state"])
@@ -256,6 +305,7 @@ def train(*, model, model_dir: str, train_dataset_cfg: data_iterator.DatasetConf
 
   start = int(np.asarray(jax.device_get(state.step)))
   result = TrainResult(step=start)
+  skipped_examples = _skipped_examples_counter()  # before the pipeline starts reading
   if position is None:
     batches = data_iterator.TrainBatches(train_dataset_cfg, image_size_of(model),
                                          partitioner.data_parallel_size)
@@ -278,7 +328,8 @@ def train(*, model, model_dir: str, train_dataset_cfg: data_iterator.DatasetConf
   best_keeper = best_checkpoint.keeper_for_run(model_dir, checkpoint_cfg.keep_best,
                                                eval_period, infer_eval_dataset_cfg is not None)
   logger = metrics_logging.TrainMetricsLogger(model_dir, train_steps,
-                                              train_dataset_cfg.batch_size)
+                                              train_dataset_cfg.batch_size,
+                                              counters=skipped_examples)
   _write_operative_config(model_dir)
   last_saved = latest
   pending: Optional[Tuple[int, Dict[str, Any]]] = None
@@ -328,11 +379,13 @@ def train(*, model, model_dir: str, train_dataset_cfg: data_iterator.DatasetConf
                             data_iterator=batches.checkpointable)
           last_saved = step
         if eval_now:
-          result.eval_results[step] = evaluator.evaluate(
-              merge_params(state.trainable, frozen), step)
-          if best_keeper is not None:
-            best_keeper.offer(step, result.eval_results[step],
-                              lambda: state.to_checkpoint(frozen), batches.position())
+          results, failures = _evaluate(evaluator, merge_params(state.trainable, frozen), step)
+          result.eval_results[step] = results
+          if failures:
+            result.eval_failures[step] = failures
+          elif best_keeper is not None:  # an average over fewer tasks is not comparable
+            best_keeper.offer(step, results, lambda: state.to_checkpoint(frozen),
+                              batches.position())
           logger.reset_clock()
         if preempted:
           logging.warning("Preempted: checkpoint of step %d saved; exiting", step)
