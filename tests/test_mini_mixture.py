@@ -181,6 +181,23 @@ def test_rendered_images_are_64px_rgb():
     PIL.Image.fromarray(image)
 
 
+def _ink_extent_at_model_size(image: np.ndarray) -> tuple[int, int]:
+  """(rows, columns) spanned by pixels unlike the corner, after the model's resize."""
+  resized = data.resize_and_normalize(image, (IMAGE_SIZE, IMAGE_SIZE)).numpy()
+  ink = np.abs(resized - resized[0, 0]).max(-1) > 0.5
+  rows, cols = np.flatnonzero(ink.any(1)), np.flatnonzero(ink.any(0))
+  return rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1
+
+
+@pytest.mark.parametrize("subtask,min_rows", [("digits_qa", 20), ("text_read", 6)])
+def test_digits_and_words_stay_legible_at_the_models_32px(subtask, min_rows):
+  # Version 1.0.0 drew words 2-4 px tall and digits from 14 px at 32 px: no model,
+  # specialist included, learned either (exact match at chance).
+  for sample in mini_builder.samples(mini_builder.TINY, subtask, "validation"):
+    rows, _ = _ink_extent_at_model_size(sample.render())
+    assert rows >= min_rows, (subtask, sample.answers)
+
+
 def test_vl_tasks_never_cache_their_source_in_memory(data_dir):
   # seqio (under 10,000 examples) and TFDS (small unshuffled splits) cache on their own;
   # evaluation then reads `num_examples` of the cache, tf.data throws the partial cache

@@ -95,8 +95,10 @@ def examples(config: MiniVlConfig, subtask: str, split: str) -> Iterator[tuple[s
 class MiniVl(tfds.core.GeneratorBasedBuilder):
   """Offline mini VL benchmark: shapes, digits, photos and rendered text (see tasks/mini)."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Nine tasks over shapes, digits, photographs and text."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "Nine tasks over shapes, digits, photographs and text.",
+                   "1.1.0": "Digits and text legible at the mini model's 32 px (see digits.py, "
+                            "text.py): both were at chance."}
   BUILDER_CONFIGS = [FULL, TINY]
 
   def _info(self) -> tfds.core.DatasetInfo:

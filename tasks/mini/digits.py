@@ -3,6 +3,13 @@
 Each 8x8 digit is scaled, placed and coloured at random on a 64x64 canvas, so the 1,797
 originals yield as many examples as a split needs. Splits use disjoint originals: a digit
 seen in training never appears, however re-drawn, in validation or test.
+
+The draws are kept within what the `mini` model (a 2-layer ViT seeing 32 px in 8 px patches)
+learns from its own task in a few hundred steps: the first version (digits 28-56 px anywhere
+on the canvas, ink lighter or darker than the ground, +-15 degrees) stayed at chance (8.2%
+exact match after 300 steps alone, chance 10%). Now the digit fills most of the canvas
+(44-60 px, so 22-30 px of the 32 the model sees), is drawn dark on light and turned at most
+10 degrees. Labels are near-uniform over 0-9: chance is 10% (11% for the most common label).
 """
 from __future__ import annotations
 
@@ -45,15 +52,11 @@ def digit_samples(rng: np.random.Generator, count: int, split: str) -> Iterator[
   first, last = int(low * len(images)), int(high * len(images))
   for _ in range(count):
     index = int(rng.integers(first, last))
-    size = int(rng.integers(28, 57))
+    size = int(rng.integers(44, 61))
     x, y = (int(v) for v in rng.integers(0, IMAGE_SIZE - size + 1, size=2))
-    angle = float(rng.uniform(-15, 15))
-    if rng.random() < 0.5:
-      foreground = choice(rng, tuple(DARK_COLORS.values()))
-      background = choice(rng, tuple(LIGHT_COLORS.values()))
-    else:
-      foreground = choice(rng, tuple(LIGHT_COLORS.values()))
-      background = choice(rng, tuple(DARK_COLORS.values()))
+    angle = float(rng.uniform(-10, 10))
+    foreground = choice(rng, tuple(DARK_COLORS.values()))
+    background = choice(rng, tuple(LIGHT_COLORS.values()))
     yield Sample(render=functools.partial(render_digit, index, size, x, y, angle, foreground,
                                           background),
                  question=choice(rng, QUESTIONS), answers=(str(labels[index]),),

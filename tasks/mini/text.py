@@ -2,6 +2,12 @@
 
 Drawn with Pillow's built-in font (no font files, no network). Reading needs the finest
 detail of any mini task; the captions also need the colours.
+
+Legibility sets the sizes: the `mini` model sees the 64 px render resized to 32 px, where
+glyphs of the first version (fonts 10-16 px, words and numbers up to "zebra 97") were 2-4 px
+tall and no model, specialist included, read a single one (0% exact match). Now one word of
+`WORDS`, dark on light, in a font of 18-26 px (9-13 px at 32): reading is recognising one of
+len(WORDS) = 24 words, uniformly drawn, so chance is 1/24 = 4.2% exact match.
 """
 from __future__ import annotations
 
@@ -16,16 +22,13 @@ import PIL.ImageFont
 from tasks.mini.common import DARK_COLORS, IMAGE_SIZE, LIGHT_COLORS, Sample, choice
 
 WORDS = (
-    "apple", "river", "stone", "cloud", "tiger", "bread", "green", "house", "light", "music",
-    "ocean", "plant", "queen", "horse", "snow", "train", "water", "zebra", "bike", "door",
-    "fish", "gold", "moon", "park", "rain", "road", "sun", "tree", "wind", "book", "cake",
-    "star", "lamp", "milk", "ship", "hat", "key", "box", "cat", "dog", "sky", "sea", "bus",
-    "map", "pen", "cup", "egg", "ice", "owl", "fox", "exit", "stop", "open", "shop", "east",
-    "west", "north", "south", "hotel", "bank", "cafe", "taxi", "gate", "room", "sale", "free",
+    "apple", "river", "stone", "cloud", "tiger", "bread", "house", "music", "snow", "train",
+    "water", "zebra", "fish", "moon", "rain", "tree", "book", "cake", "star", "ship", "cat",
+    "dog", "sky", "bus",
 )
 READ_QUESTIONS = ("what is written in the image?", "what does the text say?",
                   "what does the sign say?")
-FONT_SIZES = (16, 14, 12, 10)
+FONT_SIZES = (26, 22, 18)
 MARGIN = 2
 
 
@@ -55,26 +58,13 @@ def render_text(text: str, size: int, x_fraction: float, y_fraction: float,
   return np.asarray(image, dtype=np.uint8)
 
 
-def _draw_text(rng: np.random.Generator) -> str:
-  kind = rng.random()
-  if kind < 0.5:
-    return choice(rng, WORDS)
-  if kind < 0.75:
-    return str(int(rng.integers(0, 1000)))
-  return f"{choice(rng, WORDS)} {int(rng.integers(1, 100))}"
-
-
 def _text_draws(rng: np.random.Generator, count: int):
   for _ in range(count):
-    text = _draw_text(rng)
+    text = choice(rng, WORDS)
     size = next(s for s in FONT_SIZES[int(rng.integers(2)):] if _fits(text, s))
     x_fraction, y_fraction = float(rng.random()), float(rng.random())
-    if rng.random() < 0.5:
-      fg_name, bg_name = choice(rng, tuple(DARK_COLORS)), choice(rng, tuple(LIGHT_COLORS))
-      foreground, background = DARK_COLORS[fg_name], LIGHT_COLORS[bg_name]
-    else:
-      fg_name, bg_name = choice(rng, tuple(LIGHT_COLORS)), choice(rng, tuple(DARK_COLORS))
-      foreground, background = LIGHT_COLORS[fg_name], DARK_COLORS[bg_name]
+    fg_name, bg_name = choice(rng, tuple(DARK_COLORS)), choice(rng, tuple(LIGHT_COLORS))
+    foreground, background = DARK_COLORS[fg_name], LIGHT_COLORS[bg_name]
     render = functools.partial(render_text, text, size, x_fraction, y_fraction, foreground,
                                background)
     yield render, text, fg_name, bg_name
@@ -88,9 +78,7 @@ def text_read_samples(rng: np.random.Generator, count: int) -> Iterator[Sample]:
 
 def text_caption_samples(rng: np.random.Generator, count: int) -> Iterator[Sample]:
   for render, text, fg_name, bg_name in _text_draws(rng, count):
-    what = f"the number {text}" if text.isdigit() else f"the word {text}" if " " not in text \
-        else f"the text {text}"
-    references = (f"{what} written in {fg_name} on {bg_name}",
+    references = (f"the word {text} written in {fg_name} on {bg_name}",
                   f"{fg_name} text that says {text}",
                   f"a {bg_name} sign that says {text}")
     yield Sample(render=render, question="", answers=references)
