@@ -316,10 +316,13 @@ def test_bad_configurations_and_inputs_fail_naming_the_field_and_value():
     MoVEConfig(tower_names=("clip",), width=6)
   with pytest.raises(ValueError, match="MoVEConfig.transform='deformable'; known"):
     MoVEConfig(tower_names=TOWERS, width=6, transform="deformable")
-  with pytest.raises(ValueError, match=r"InstructionRouter.num_choices must be >= 1 \(one per tower or expert\), got 0"):
+  with pytest.raises(ValueError, match=r"InstructionRouter.num_choices must be >= 1 "
+                                       r"\(one per tower or expert\), got 0"):
     random_params(InstructionRouter(0), instruction)
   with pytest.raises(ValueError, match="names 2 towers, got 1 feature maps"):
     random_params(MoVE(MOVE_CONFIG), maps[:1], instruction)
+  with pytest.raises(ValueError, match=r"validity mask has shape \(2, 4, 5\)"):
+    random_params(MoVE(MOVE_CONFIG), maps, instruction, [None, jnp.ones((2, 4, 5), bool)])
   x, context = _mole_inputs()
   with pytest.raises(ValueError, match="TokenContext.instance_features"):
     random_params(MOLE, x, TokenContext(causal=True))

@@ -32,7 +32,8 @@ import jax.numpy as jnp
 from omni_smola.models.attention import MultiHeadAttention
 from omni_smola.models.vit import MlpBlock, _layer_norm
 from omni_smola.nn import NO_ADAPTERS, TokenContext
-from omni_smola.nn.deformable_attention import DeformableCrossAttention, valid_extent
+from omni_smola.nn.deformable_attention import (DeformableCrossAttention, check_valid_mask,
+                                                valid_extent)
 
 
 @gin.configurable
@@ -90,6 +91,7 @@ def _bin_membership(extent, size: int, bins: int):
 
 def adaptive_average_pool(features, side: int, valid=None):
   """[b, h, w, d] -> [b, side*side, d]: means over each bin of the valid region."""
+  check_valid_mask(valid, features, "adaptive_average_pool")
   batch, height, width, _ = features.shape
   extent = valid_extent(valid, height, width, batch)
   rows = _bin_membership(extent[:, 0], height, side)  # [b, i, h]

@@ -21,7 +21,7 @@ and right), reads zero. Offsets are in pixels of that extent (Deformable DETR's
 normalisation), so a unit offset moves one pixel whatever the image's shape.
 
 Letters: b batch, q query, n head, p point, k corner (4), c channels per head,
-h, w the map's rows and columns, d widths.
+h, w the map's rows and columns, z a (row, col) coordinate, d widths.
 """
 import math
 from typing import Any, Optional
@@ -40,13 +40,22 @@ def valid_extent(valid: Optional[jnp.ndarray], height: int, width: int,
   """[b, 2] float32 (rows, cols) of each example's valid region.
 
   The region is the top-left rectangle the mask covers (a padded Pix2Struct grid):
-  the number of rows and of columns holding any valid pixel. No mask: the array.
+  the number of rows and of columns holding any valid pixel (at least one, so an
+  all-padding example reads zeros instead of dividing by zero). No mask: the array.
   """
   if valid is None:
     return jnp.broadcast_to(jnp.array([height, width], jnp.float32), (batch, 2))
   rows = jnp.sum(jnp.any(valid, axis=2), axis=1)
   cols = jnp.sum(jnp.any(valid, axis=1), axis=1)
-  return jnp.stack([rows, cols], axis=-1).astype(jnp.float32)
+  return jnp.maximum(jnp.stack([rows, cols], axis=-1), 1).astype(jnp.float32)
+
+
+def check_valid_mask(valid, features, where: str) -> None:
+  """Fails, naming the shapes, when a validity mask does not match the feature map."""
+  if valid is not None and tuple(valid.shape) != tuple(features.shape[:3]):
+    batch, height, width = features.shape[:3]
+    raise ValueError(f"{where}: the validity mask has shape {tuple(valid.shape)}, the "
+                     f"features are [batch={batch}, h={height}, w={width}, d]")
 
 
 def bilinear_sample(values, locations, extent, valid=None):
@@ -119,9 +128,7 @@ class DeformableCrossAttention(nn.Module):
     if feature_width % self.num_heads:
       raise ValueError(f"DeformableCrossAttention.num_heads={self.num_heads} does not "
                        f"divide the feature width {feature_width}")
-    if valid is not None and valid.shape != (batch, height, width):
-      raise ValueError(f"DeformableCrossAttention: valid has shape {valid.shape}, the "
-                       f"features are [batch={batch}, h={height}, w={width}]")
+    check_valid_mask(valid, features, "DeformableCrossAttention")
     heads, points = self.num_heads, self.num_points
     head_dim = feature_width // heads
 
