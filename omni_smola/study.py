@@ -66,10 +66,14 @@ def main(argv):
     if failed:
       logging.error("[study] arms not finished on every seed: %s", ", ".join(failed))
 
+  from omni_smola.studies.execute import StudyPreemptedError  # pylint: disable=g-import-not-at-top
   try:
     launching.exit_on_user_error(run)
   except StudyConfigError as e:
     raise SystemExit(f"error (StudyConfigError): {e}") from None
+  except StudyPreemptedError as e:
+    # As the train binary: a preempted job exits 0 and the relaunch resumes.
+    logging.warning("[study] %s", e)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ failure checks read it.
 """
 import json
 import os
+import re
 import sys
 
 import pytest
@@ -24,49 +25,40 @@ from omni_smola.studies.spec import StudyConfigError  # noqa: E402
 PAIR_MODULE = "study_test_pair"
 PAIR = "study_test_pair_tiny"
 TASKS = ["mini_shapes_color_qa_tiny", "mini_shapes_count_tiny"]
-TINY = ("omni_smola.models.configs.T5Config.vocab_size = 1024\n"
-        "omni_smola.nn.adapter_spec.AdapterSpec.rank = 2\n")
-# Three arms and a stage, two steps each: the FT backbone, the specialists on it, LoRA on it,
-# and a LoRA arm whose learning rate overflows the parameters (a NaN loss at step 2).
+# Every arm is the shared tiny run's configuration (train_common: the same gin files and
+# bindings), so their programs are the JAX compilation cache's. Three arms: the specialists
+# (one run per task), a generalist, and the generalist trained on from it (`init_from`); and
+# a fourth whose adapter output scale overflows its gradient (NonFiniteLossError at step 1).
 STUDY = """
 import omni_smola.studies.spec
-COMMON = ['models/tiny.gin', 'runs/generalist.gin']
 omni_smola.studies.spec.Study:
   name = 'test_quick'
   mixture = '%(pair)s'
   seeds = [0, 1]
   task_modules = ['tasks', '%(module)s']
-  bindings = {'EVAL_PERIOD': '%%TRAIN_STEPS', 'CHECKPOINT_PERIOD': '%%TRAIN_STEPS',
-              'TASK_FEATURE_LENGTHS': {'inputs': 16, 'targets': 16}, 'BATCH_SIZE': 8,
-              'EVAL_BATCH_SIZE': 8, 'EVAL_NUM_EXAMPLES': 2,
-              'omni_smola.models.configs.T5Config.vocab_size': 1024,
-              'omni_smola.training.checkpointing.CheckpointConfig.keep_best': False}
+  bindings = %(bindings)s
   reference_arm = 'specialists'
-  quick_bindings = {'TRAIN_STEPS': 2, 'WARMUP_STEPS': 1}
-  arms = [@ft/omni_smola.studies.spec.Arm(), @specialists/omni_smola.studies.spec.Arm(),
-          @lora/omni_smola.studies.spec.Arm(), @diverges/omni_smola.studies.spec.Arm()]
-ft/omni_smola.studies.spec.Arm:
-  name = 'ft'
-  gin_files = ['models/tiny.gin', 'adapters/full.gin', 'runs/pretrain.gin']
-  bindings = {'TRAIN_STEPS': 100}
+  quick_bindings = {'TRAIN_STEPS': 2, 'EVAL_PERIOD': 2, 'EVAL_NUM_EXAMPLES': 2}
+  arms = [@specialists/omni_smola.studies.spec.Arm(), @omni/omni_smola.studies.spec.Arm(),
+          @omni_more/omni_smola.studies.spec.Arm(), @diverges/omni_smola.studies.spec.Arm()]
 specialists/omni_smola.studies.spec.Arm:
   name = 'specialists'
-  gin_files = ['models/tiny.gin', 'adapters/full.gin', 'runs/pretrain.gin']
-  init_from = 'ft'
+  gin_files = %(gin_files)s
   per_task = True
-  bindings = {'TRAIN_STEPS': 100}
-lora/omni_smola.studies.spec.Arm:
-  name = 'lora'
-  gin_files = ['models/tiny.gin', 'adapters/lora.gin', 'runs/generalist.gin']
-  init_from = 'ft'
-  bindings = {'TRAIN_STEPS': 100, 'omni_smola.nn.adapter_spec.AdapterSpec.rank': 2}
+omni/omni_smola.studies.spec.Arm:
+  name = 'omni'
+  gin_files = %(gin_files)s
+omni_more/omni_smola.studies.spec.Arm:
+  name = 'omni_more'
+  gin_files = %(gin_files)s
+  init_from = 'omni'
 diverges/omni_smola.studies.spec.Arm:
   name = 'diverges'
-  gin_files = ['models/tiny.gin', 'adapters/lora.gin', 'runs/generalist.gin']
-  init_from = 'ft'
-  bindings = {'TRAIN_STEPS': 100, 'LEARNING_RATE': 1e30,
-              'omni_smola.nn.adapter_spec.AdapterSpec.rank': 2}
-""" % {"pair": PAIR, "module": PAIR_MODULE}
+  gin_files = %(gin_files)s
+  bindings = {'omni_smola.nn.adapter_spec.AdapterSpec.alpha': 1e38}
+""" % {"pair": PAIR, "module": PAIR_MODULE, "gin_files": list(train_common.GIN_FILES),
+       "bindings": {**{k: v for k, v in train_common.BINDINGS.items()
+                       if k != "MIXTURE_OR_TASK_NAME"}, "TRAIN_STEPS": 100}}
 
 
 @pytest.fixture(scope="module")
@@ -100,27 +92,32 @@ def first_run(study_files):
 def test_quick_study_writes_one_row_per_arm_with_delta(first_run):
   study_dir, summary = first_run
   saved = json.loads((study_dir / "results.json").read_text())
-  assert saved["tasks"] == TASKS and set(saved["arms"]) == {"ft", "specialists", "lora",
+  assert saved["tasks"] == TASKS and set(saved["arms"]) == {"specialists", "omni", "omni_more",
                                                            "diverges"}
-  for name in ("ft", "specialists", "lora"):
+  for name in ("specialists", "omni", "omni_more"):
     arm = saved["arms"][name]
     assert arm["status"] == "done" and set(arm["tasks"]) == set(TASKS), (name, arm)
     assert arm["delta"]["n"] == 1 and arm["parameters"]["trainable"] > 0
     assert arm["flops"]["total"] >= arm["flops"]["backbone"] > 0
   assert saved["arms"]["specialists"]["delta"]["mean"] == 0.0
-  lora = saved["arms"]["lora"]
+  lora = saved["arms"]["omni_more"]
   expected = sum(lora["tasks"][t]["mean"] - saved["arms"]["specialists"]["tasks"][t]["mean"]
                  for t in TASKS) / len(TASKS)
   assert lora["delta"]["mean"] == pytest.approx(expected)
-  assert lora["parameters"]["trainable"] < saved["arms"]["ft"]["parameters"]["trainable"]
+  assert lora["parameters"] == saved["arms"]["omni"]["parameters"]
   table = (study_dir / "results.md").read_text()
   rows = [line for line in table.splitlines() if line.startswith("| ")]
   assert "δ to specialists" in rows[0] and len(rows) == 1 + 4, table
   assert all(os.path.getsize(study_dir / p) > 0 for p in saved["figures"])
   assert "figures/per_task.png" in saved["figures"]
-  # Quick: one seed of the two, in the quick bindings' two steps.
-  assert json.loads((study_dir / "lora" / "seed_0" / markers.DONE).read_text())["step"] == 2
-  assert not (study_dir / "lora" / "seed_1").exists()
+  # The routing heat maps of the best routed arm.
+  assert saved["routing"]["arm"] in ("omni", "omni_more"), saved["routing"]
+  assert any(p.startswith("routing/") and "/figures/load_" in p for p in saved["figures"])
+  # Quick: one seed of the two, in the quick bindings' two steps; init_from is followed.
+  record = json.loads((study_dir / "omni_more" / "seed_0" / markers.DONE).read_text())
+  assert record["step"] == 2 and not (study_dir / "omni_more" / "seed_1").exists()
+  operative = (study_dir / "omni_more" / "seed_0" / "config.gin").read_text()
+  assert re.search(r"INITIAL_CHECKPOINT_PATH = '.*/omni/seed_0'", operative), operative
 
 
 def test_a_diverging_arm_is_marked_failed_and_the_others_finish(first_run):
@@ -131,6 +128,7 @@ def test_a_diverging_arm_is_marked_failed_and_the_others_finish(first_run):
   assert "NonFiniteLossError" in failure["error"], failure
   assert "diverges, seed 0: NonFiniteLossError" in (study_dir / "results.md").read_text()
   assert summary["runs"] == {"trained": 4, "skipped": 0, "failed": 1}
+  assert summary["arms"]["omni"]["status"] == "done"
 
 
 def test_a_rerun_trains_nothing_that_finished(first_run, study_files):
@@ -140,18 +138,20 @@ def test_a_rerun_trains_nothing_that_finished(first_run, study_files):
   # The diverging arm is retried (and fails again); nothing finished trains again.
   assert second["runs"] == {"trained": 0, "skipped": 4, "failed": 1}
   assert {p: os.path.getmtime(p) for p in study_dir.rglob(markers.DONE)} == done
-  assert second["arms"]["lora"]["tasks"] == first["arms"]["lora"]["tasks"]
+  assert second["arms"]["omni_more"]["tasks"] == first["arms"]["omni_more"]["tasks"]
 
 
 @pytest.mark.parametrize("binding, message", [
-    ("lora/omni_smola.studies.spec.Arm.gin_files = ['adapters/nope.gin']",
-     "arm 'lora'.*nope.gin"),
-    ("lora/omni_smola.studies.spec.Arm.mixture = 'no_such_task'", "arm 'lora'.*no_such_task"),
-    ("lora/omni_smola.studies.spec.Arm.bindings = "
-     "{'omni_smola.nn.adapter_spec.AdapterSpec.kind': 'lorax'}", "arm 'lora'.*lorax"),
+    ("omni/omni_smola.studies.spec.Arm.gin_files = ['adapters/nope.gin']",
+     "arm 'omni'.*nope.gin"),
+    ("omni/omni_smola.studies.spec.Arm.mixture = 'no_such_task'", "arm 'omni'.*no_such_task"),
+    ("omni/omni_smola.studies.spec.Arm.bindings = "
+     "{'omni_smola.nn.adapter_spec.AdapterSpec.kind': 'lorax'}", "arm 'omni'.*lorax"),
     ("omni_smola.studies.spec.Study.seeds = []", "seeds is empty"),
-    ("diverges/omni_smola.studies.spec.Arm.name = 'LoRA'", "arm 'LoRA'.*overwrite"),
-    ("lora/omni_smola.studies.spec.Arm.init_from = 'nobody'", "arm 'lora'.*nobody"),
+    ("diverges/omni_smola.studies.spec.Arm.name = 'Omni'", "arm 'Omni'.*overwrite"),
+    ("omni_more/omni_smola.studies.spec.Arm.init_from = 'nobody'", "arm 'omni_more'.*nobody"),
+    ("omni/omni_smola.studies.spec.Arm.bindings = {'MODEL_DIR': '/tmp/x'}",
+     "arm 'omni'.*MODEL_DIR"),
 ])
 def test_bad_study_is_refused_before_training(study_files, tmp_path, binding, message):
   study = load_study(study_files, binding, quick=False)

@@ -24,6 +24,10 @@ class RunFailedError(RuntimeError):
   """A run finished without usable scores."""
 
 
+class StudyPreemptedError(RuntimeError):
+  """A run stopped on SIGTERM (a preemption): the study stops too, to be run again."""
+
+
 def _final_metrics(result, model_dir: str) -> Dict[str, Any]:
   """(step, {task: {metric: value}}) of the run's last evaluation.
 
@@ -60,6 +64,9 @@ def _train(study: Study, run: Run, study_dir: str) -> Dict[str, Any]:
     result = trainer.train()
   finally:
     gin.clear_config()
+  if result.preempted:
+    raise StudyPreemptedError(f"{run.label} was preempted at step {result.step}; run the "
+                              "study again to resume it")
   step, metrics = _final_metrics(result, model_dir)
   return {"arm": run.arm.name, "seed": run.seed, "task": run.task, "step": step,
           "metrics": metrics, "scores": scores_of(metrics),
@@ -87,6 +94,8 @@ def execute(study: Study, runs: Sequence[Run], study_dir: str) -> Dict[str, int]
     logging.info("%s: training", prefix)
     try:
       record = _train(study, run, study_dir)
+    except StudyPreemptedError:
+      raise
     except Exception as e:  # pylint: disable=broad-except
       # A failed arm is reported and the others still run (the study's contract).
       markers.write_failed(run_dir, {"error": f"{type(e).__name__}: {e}",

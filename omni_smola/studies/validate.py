@@ -43,15 +43,19 @@ def _account(gin_files: Sequence[str], bindings: Sequence[str]) -> Dict[str, Any
 
 
 def validate(study: Study, runs: Sequence[Run], study_dir: str) -> Dict[str, Dict[str, Any]]:
-  """Checks every run; returns {arm: its accounting}. Raises StudyConfigError naming the arm."""
+  """Checks every run; returns {arm: its accounting}. Raises StudyConfigError naming the arm.
+
+  An arm's runs differ only in the runner's bindings (seed, directory, mixture), so each
+  arm is parsed and built once and each run's mixture is checked on its own.
+  """
   configure.check_bindings(study)
   accounts: Dict[str, Dict[str, Any]] = {}
   for run in runs:
     gin_files, bindings = configure.run_config(study, run, study_dir)
     try:
-      configure.parse(gin_files, bindings)
       data_iterator.check_registered(run.mixture, study.task_modules)
       if run.arm.name not in accounts:
+        configure.parse(gin_files, bindings)
         accounts[run.arm.name] = _account(gin_files, bindings)
     except Exception as e:  # pylint: disable=broad-except
       raise StudyConfigError(f"arm {run.arm.name!r} ({run.label}): {type(e).__name__}: "
