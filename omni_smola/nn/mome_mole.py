@@ -24,7 +24,7 @@ nothing. With `num_experts=1` (stage 1 trains a single adapter) there is no rout
 
 Letters: b batch, t token, e expert, d model width, r bottleneck width.
 """
-from typing import Any
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -54,7 +54,7 @@ class BottleneckMoLE(nn.Module):
   """
   num_experts: int = 4
   bottleneck_dim: int = 64
-  router_hidden_dim: Any = None
+  router_hidden_dim: Optional[int] = None
   axis: str = "embed"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
