@@ -1,22 +1,17 @@
 """Stable integer ids for registered tasks, carried by every example as `task_id`.
 
-The id is a 31-bit CRC of the task name, so it is the same in every process, on every host
-and in every run, whatever order tasks were registered or imported in; routing statistics
-saved by one run can be read by another. Mapping an id back to its name looks the id up
-among the tasks registered in this process.
+The id is `omni_smola.task_id.task_id`, a CRC of the task name, so it is the same in every
+process, on every host and in every run; routing statistics saved by one run can be read by
+another. Mapping an id back to its name looks the id up among the tasks registered in this
+process.
 """
 from __future__ import annotations
 
-import zlib
-
 import seqio
 
+from omni_smola.task_id import task_id
+
 _id_to_name: dict[int, str] = {}
-
-
-def task_id(name: str) -> int:
-  """The stable int32 id of the task called `name`."""
-  return zlib.crc32(name.encode("utf-8")) & 0x7FFFFFFF
 
 
 def claim_task_id(name: str) -> int:

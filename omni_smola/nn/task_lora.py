@@ -21,7 +21,7 @@ from typing import Any, Tuple
 import flax.linen as nn
 import jax.numpy as jnp
 
-from omni_smola.data.task_ids import task_id
+from omni_smola.task_id import task_id  # not omni_smola.data: no TensorFlow here
 from omni_smola.nn import initializers
 from omni_smola.nn.products import product
 
