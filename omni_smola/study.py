@@ -27,7 +27,8 @@ from omni_smola import launching
 flags.DEFINE_string("study_dir", None, "Where the study's runs and results go (default "
                     "runs/studies/<Study.name>, with '_quick' for --quick).")
 flags.DEFINE_bool("quick", False, "One seed, the study's quick bindings and data names.")
-flags.DEFINE_bool("validate_only", False, "Check every arm and run, train nothing.")
+flags.DEFINE_bool("validate_only", False, "Check every arm and run (and count each arm's "
+                  "parameters and FLOPs), train nothing.")
 FLAGS = flags.FLAGS
 
 

@@ -126,7 +126,7 @@ def test_a_diverging_arm_is_marked_failed_and_the_others_finish(first_run):
   assert diverges["status"] == "failed" and diverges["delta"] is None
   failure = markers.failed(str(study_dir / "diverges" / "seed_0"))
   assert "NonFiniteLossError" in failure["error"], failure
-  assert "diverges, seed 0: NonFiniteLossError" in (study_dir / "results.md").read_text()
+  assert "- diverges/seed_0: NonFiniteLossError" in (study_dir / "results.md").read_text()
   assert summary["runs"] == {"trained": 4, "skipped": 0, "failed": 1}
   assert summary["arms"]["omni"]["status"] == "done"
 
@@ -145,8 +145,8 @@ def test_a_rerun_trains_nothing_that_finished(first_run, study_files):
     ("omni/omni_smola.studies.spec.Arm.gin_files = ['adapters/nope.gin']",
      "arm 'omni'.*nope.gin"),
     ("omni/omni_smola.studies.spec.Arm.mixture = 'no_such_task'", "arm 'omni'.*no_such_task"),
-    ("omni/omni_smola.studies.spec.Arm.bindings = "
-     "{'omni_smola.nn.adapter_spec.AdapterSpec.kind': 'lorax'}", "arm 'omni'.*lorax"),
+    ("specialists/omni_smola.studies.spec.Arm.bindings = "
+     "{'omni_smola.nn.adapter_spec.AdapterSpec.kind': 'lorax'}", "arm 'specialists'.*lorax"),
     ("omni_smola.studies.spec.Study.seeds = []", "seeds is empty"),
     ("diverges/omni_smola.studies.spec.Arm.name = 'Omni'", "arm 'Omni'.*overwrite"),
     ("omni_more/omni_smola.studies.spec.Arm.init_from = 'nobody'", "arm 'omni_more'.*nobody"),
@@ -164,7 +164,7 @@ def test_the_paper_scale_study_validates_without_training(tmp_path):
   gin.clear_config()
   launching.parse_gin(["studies/pali3_table3.gin"], [], finalize=False)
   study = runner.configured_study(quick=False)
-  runs, tasks, accounts = runner.prepare(study, str(tmp_path))
-  assert len(study.seeds) >= 3 and len(tasks) > 5
-  assert accounts["smola_o48"]["adapters"]["adapter"] == "omni_smola"
+  # Configured and built, not traced: the accounting of nine PaLI-3-sized models is slow.
+  runs, tasks, _ = runner.prepare(study, str(tmp_path), account=False)
+  assert len(study.seeds) >= 3 and len(tasks) > 5 and len(runs) > 9 * len(study.seeds)
   assert not os.listdir(tmp_path)

@@ -131,10 +131,9 @@ def markdown(summary: Mapping[str, Any]) -> str:
            f"on {summary['mixture']}, mean ± std over seeds; δ is the arm's score minus the "
            f"per-task specialists' ({summary['reference_arm']}), averaged over tasks, per "
            "seed. FLOPs: forward, one example (omni_smola.accounting)."]
-  for name, arm in summary["arms"].items():
-    for seed, value in arm["seeds"].items():
-      for error in value["errors"]:
-        notes.append(f"- {name}, seed {seed}: {error.splitlines()[0][:300]}")
+  for arm in summary["arms"].values():
+    for value in arm["seeds"].values():
+      notes.extend(f"- {error.splitlines()[0][:300]}" for error in value["errors"])
   return "\n".join(lines + notes) + "\n"
 
 

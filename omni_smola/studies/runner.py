@@ -24,11 +24,12 @@ def configured_study(quick: bool) -> Study:
   return plan.quick(study) if quick else study
 
 
-def prepare(study: Study, study_dir: str):
-  """(runs, tasks, accounts) after every check; nothing trains."""
+def prepare(study: Study, study_dir: str, account: bool = True):
+  """(runs, tasks, accounts) after every check; nothing trains. Without `account`, each
+  arm's model is configured but not traced (no parameter or FLOP counts)."""
   tasks = validate.study_tasks(study)
   runs = plan.plan(study, tasks)
-  accounts = validate.validate(study, runs, study_dir)
+  accounts = validate.validate(study, runs, study_dir, account)
   logging.info("[study] %s: %d arms, %d runs, tasks %s: valid", study.name, len(study.arms),
                len(runs), ", ".join(tasks))
   return runs, tasks, accounts

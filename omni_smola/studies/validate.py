@@ -4,7 +4,8 @@ Each run's gin files and bindings are parsed as the train binary would (a missin
 typo'd macro or configurable, a required macro left unset), its training mixture must be
 registered, and each arm's model is built abstractly by the accounting (an unknown adapter
 kind or a bad adapter field fails there) which also gives the parameter and FLOP counts
-of the results table. A finished run whose recorded configuration differs from the
+of the results table (the abstract trace can be skipped: `account=False`, which still
+builds the model's configuration). A finished run whose recorded configuration differs from the
 study's is refused too: its scores would not be the arm's. Errors name the arm.
 """
 import os
@@ -29,10 +30,15 @@ def study_tasks(study: Study) -> List[str]:
   return collect.leaf_tasks(study.mixture)
 
 
-def _account(gin_files: Sequence[str], bindings: Sequence[str]) -> Dict[str, Any]:
-  """Parameter and FLOP counts of the run's model (params.py's accounting)."""
+def _build(gin_files: Sequence[str], bindings: Sequence[str], account: bool
+           ) -> Dict[str, Any]:
+  """Builds the run's model object (its AdapterSpecs check their fields) and, with
+  `account`, traces it abstractly for its parameter and FLOP counts (params.py)."""
   gin.clear_config()
   params_lib.parse_config(gin_files, bindings)
+  params_lib.run_macros()
+  if not account:
+    return {}
   account = params_lib.account_from_gin()
   parameters, flops = account["parameters"], account["flops"]["total"]
   return {"adapters": {slot: spec["kind"] if spec else None
@@ -42,26 +48,32 @@ def _account(gin_files: Sequence[str], bindings: Sequence[str]) -> Dict[str, Any
                     "total": flops["backbone"] + flops["adapters"]}}
 
 
-def validate(study: Study, runs: Sequence[Run], study_dir: str) -> Dict[str, Dict[str, Any]]:
-  """Checks every run; returns {arm: its accounting}. Raises StudyConfigError naming the arm.
+def _checked(run: Run, check, *args):
+  try:
+    return check(*args)
+  except Exception as e:  # pylint: disable=broad-except
+    raise StudyConfigError(f"arm {run.arm.name!r} ({run.label}): {type(e).__name__}: "
+                           f"{e}") from e
+  finally:
+    gin.clear_config()
 
-  An arm's runs differ only in the runner's bindings (seed, directory, mixture), so each
-  arm is parsed and built once and each run's mixture is checked on its own.
+
+def validate(study: Study, runs: Sequence[Run], study_dir: str,
+             account: bool = True) -> Dict[str, Dict[str, Any]]:
+  """Checks every run; returns {arm: its accounting} ({} per arm without `account`).
+
+  Raises StudyConfigError naming the arm. An arm's runs differ only in the runner's
+  bindings (seed, directory, mixture), so each arm is parsed and built once, cheap
+  checks first for every arm, and each run's mixture is checked on its own.
   """
   configure.check_bindings(study)
-  accounts: Dict[str, Dict[str, Any]] = {}
+  first = {}
   for run in runs:
     gin_files, bindings = configure.run_config(study, run, study_dir)
-    try:
-      data_iterator.check_registered(run.mixture, study.task_modules)
-      if run.arm.name not in accounts:
-        configure.parse(gin_files, bindings)
-        accounts[run.arm.name] = _account(gin_files, bindings)
-    except Exception as e:  # pylint: disable=broad-except
-      raise StudyConfigError(f"arm {run.arm.name!r} ({run.label}): {type(e).__name__}: "
-                             f"{e}") from e
-    finally:
-      gin.clear_config()
+    _checked(run, data_iterator.check_registered, run.mixture, study.task_modules)
+    if run.arm.name not in first:
+      first[run.arm.name] = run
+      _checked(run, configure.parse, gin_files, bindings)
     record = markers.done(os.path.join(study_dir, run.directory))
     if record is not None and record.get("config") != configure.recorded_config(gin_files,
                                                                                 bindings):
@@ -69,4 +81,5 @@ def validate(study: Study, runs: Sequence[Run], study_dir: str) -> Dict[str, Dic
           f"arm {run.arm.name!r}: {run.label} finished before with another configuration "
           f"(see {os.path.join(study_dir, run.directory, markers.DONE)}); use another "
           "--study_dir or delete that run")
-  return accounts
+  return {name: _checked(run, _build, *configure.run_config(study, run, study_dir), account)
+          for name, run in first.items()}
