@@ -44,6 +44,7 @@ from omni_smola import memory_plan
 from omni_smola import param_layout
 from omni_smola import partitioning
 from omni_smola.evaluation import evaluator
+from omni_smola.training import optimizers, partitioned_step
 
 flags.DEFINE_string("output", None, "Write the accounting (or the plan) as JSON to this path.")
 flags.DEFINE_bool("plan", False, "Compile the train step on simulated devices and print the "
@@ -168,27 +169,28 @@ def start_simulated_devices(request: PlanRequest) -> None:
     raise launching.FlagError(f"--mesh: {e}") from None
 
 
-def plan_from_gin(request: PlanRequest) -> Dict[str, Any]:
-  """The memory plan of the parsed gin config's train step on the requested mesh."""
-  from omni_smola.training import optimizers, partitioned_step  # pylint: disable=g-import-not-at-top
+def plan_from_gin(request: PlanRequest, config_label: str = "custom") -> Dict[str, Any]:
+  """The memory plan of the parsed gin config's train step on the requested mesh.
+
+  `config_label` names the model when its config is not a named one (the gin files).
+  """
   model, lengths, mode = run_macros()
   batch_size, num_microbatches = plan_macros()
   data, model_axis, expert = request.mesh_sizes
+  try:
+    memory_plan.check_batch(batch_size, num_microbatches, data)
+  except ValueError as e:
+    raise launching.GinConfigError(str(e)) from None
   mesh = partitioning.create_mesh(data, model_axis, expert,
                                   devices=jax.devices()[:request.num_devices])
-  try:
-    plan = memory_plan.plan_train_step(
-        model, partitioned_step.Partitioner(mesh=mesh), optimizers.create_optimizer(),
-        lengths, batch_size, num_microbatches, mode,
-        tuple(_bound("omni_smola.training.trainer.train.trainable_overrides", ())),
-        _bound("omni_smola.training.trainer.train.on_nonfinite_loss", "stop"))
-  except ValueError as e:
-    if re.search(r"BATCH_SIZE|NUM_MICROBATCHES", str(e)):
-      raise launching.GinConfigError(str(e)) from None
-    raise
+  plan = memory_plan.plan_train_step(
+      model, partitioned_step.Partitioner(mesh=mesh), optimizers.create_optimizer(),
+      lengths, batch_size, num_microbatches, mode,
+      tuple(_bound("omni_smola.training.trainer.train.trainable_overrides", ())),
+      _bound("omni_smola.training.trainer.train.on_nonfinite_loss", "stop"))
   plan["optimizer"] = _bound("omni_smola.training.optimizers.create_optimizer.name",
                              "adafactor")
-  plan["model"] = model.config_name
+  plan["model"] = model.config_name or config_label
   return memory_plan.with_verdict(plan, request.device_memory)
 
 
@@ -320,7 +322,7 @@ def format_plan(plan: Mapping[str, Any]) -> str:
   verdict = (f"fits: yes ({b(margin)} to spare)" if plan["fits"] else
              f"fits: NO ({b(-margin)} over)")
   return "\n".join([
-      f"memory plan of {plan['model'] or 'custom'}'s train step: mesh {mesh} "
+      f"memory plan of the train step of {plan['model']}: mesh {mesh} "
       f"({plan['num_devices']} simulated {plan['backend']} devices), BATCH_SIZE "
       f"{plan['batch_size']}, NUM_MICROBATCHES {plan['num_microbatches']}, "
       f"TASK_FEATURE_LENGTHS {plan['task_feature_lengths']}",
@@ -329,7 +331,7 @@ def format_plan(plan: Mapping[str, Any]) -> str:
       "",
       verdict,
       f"trace + lower {plan['trace_and_lower_seconds']} s, compile "
-      f"{plan['compile_seconds']} s",
+      f"{plan['compile_seconds']} s (wall); {plan['cpu_seconds']} s of CPU",
   ])
 
 
@@ -364,7 +366,9 @@ def main(argv):
 
   def run():
     parse_config(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_paths)
-    return account_from_gin() if request is None else plan_from_gin(request)
+    if request is None:
+      return account_from_gin()
+    return plan_from_gin(request, " + ".join(FLAGS.gin_file) or "custom")
 
   result = launching.exit_on_user_error(run)
   print(format_table(result) if request is None else format_plan(result))
