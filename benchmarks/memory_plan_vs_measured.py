@@ -57,7 +57,7 @@ def measure(batch_size: int, length: int):
 
   # The same step for real, as the trainer sets it up.
   tx = optimizer.tx
-  shapes = trainer.input_shapes(model, memory_plan._dataset(lengths))  # pylint: disable=protected-access
+  shapes = trainer.input_shapes(model, memory_plan.lengths_only_dataset(lengths))
   layout = trainer.plan_layout(model, partitioner, tx, shapes, mode, ())
   variables = partitioned_step.init_params(partitioner, model, jax.random.PRNGKey(0), shapes,
                                            layout.params_sharding)

@@ -106,9 +106,9 @@ def plan_train_step(model, partitioner: partitioned_step.Partitioner,
   check_batch(batch_size, num_microbatches, data_parallel)
   tx = optimizer.tx
   start, cpu_start = time.perf_counter(), time.process_time()
-  layout = trainer.plan_layout(model, partitioner, tx,
-                               trainer.input_shapes(model, _dataset(task_feature_lengths)),
-                               trainable_mode, trainable_overrides)
+  shapes = trainer.input_shapes(model, lengths_only_dataset(task_feature_lengths))
+  layout = trainer.plan_layout(model, partitioner, tx, shapes, trainable_mode,
+                               trainable_overrides)
   abstract = trainer._abstract_checkpoint(layout, tx)  # pylint: disable=protected-access
   trainable, frozen = split_params(abstract["params"], layout.mask)
   state = TrainState(step=abstract["step"], trainable=trainable,
@@ -155,11 +155,11 @@ def plan_train_step(model, partitioner: partitioned_step.Partitioner,
       "compile_seconds": round(compile_seconds, 2),
       # The process's CPU time for all of it: a measure that a busy machine does not stretch.
       "cpu_seconds": round(cpu_seconds, 2),
-      "backend": jax.devices()[0].platform,
+      "backend": partitioner.mesh.devices.flat[0].platform,
   }
 
 
-def _dataset(task_feature_lengths) -> data_iterator.DatasetConfig:
+def lengths_only_dataset(task_feature_lengths) -> data_iterator.DatasetConfig:
   """Only the lengths matter to `trainer.input_shapes` (parameters ignore the batch)."""
   return data_iterator.DatasetConfig("unused", dict(task_feature_lengths), batch_size=1)
 
