@@ -240,16 +240,23 @@ def run(main, argv: Optional[Sequence[str]] = None) -> None:
 def user_errors() -> tuple:
   """Exceptions that mean bad input or a failed run, not a bug: reported without traceback."""
   # pylint: disable=g-import-not-at-top
+  from omni_smola.checkpoints.adapter_export import AdapterFormatError
   from omni_smola.checkpoints.merge import NothingToMergeError
   from omni_smola.checkpoints.restore import CheckpointMismatchError
   from omni_smola.checkpoints.staging import OutputExistsError
+  from omni_smola.data.images import CorruptImageError
   from omni_smola.nn import AdapterConfigError
+  from omni_smola.param_layout import LayerLayoutError
+  from omni_smola.partitioning import MeshDoesNotFitError
+  from omni_smola.training.checkpointing import CheckpointWriteError, UnreadableCheckpointError
   from omni_smola.training.data_iterator import UnknownTaskError
   from omni_smola.training.faults import NonFiniteLossError
   from omni_smola.training.trainer import MissingSettingError
   return (GinConfigError, FlagError, FileNotFoundError, CheckpointMismatchError,
           AdapterConfigError, UnknownTaskError, NonFiniteLossError, MissingSettingError,
-          NothingToMergeError, OutputExistsError)
+          NothingToMergeError, OutputExistsError, MeshDoesNotFitError, LayerLayoutError,
+          AdapterFormatError, CheckpointWriteError, UnreadableCheckpointError,
+          CorruptImageError)
 
 
 def run_configured(argv: Sequence[str], binary: str, log_dir_macro: Optional[str],
