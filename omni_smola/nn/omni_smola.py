@@ -22,7 +22,7 @@ per token, every expert's `x A` all read the segment's tokens. Given the frozen
 kernel (`AdaptedDense` hands it over where `fuses_input_projection` says so), a
 segment runs ONE product against `[W | Phi | A_all]` (`products.joint_product`) and
 returns `x W` plus the residual; the parameters stay where they are, joined only
-for the product. `input_fusion` (gin) turns it on or off per routing.
+for the product. `input_fusion` (gin, off by default) turns it on per routing.
 
 Letters: b batch, t token, s slot (expert-major), d input width, f output width.
 Slot arrays are batch-major (`[b, s, d]`), so dispatch and combine are plain
@@ -48,13 +48,17 @@ FUSING_KINDS = ("smola", "omni_smola")  # the AdapterSpec kinds this module impl
 
 
 @gin.configurable(module="omni_smola.nn.omni_smola")
-def input_fusion(sequence_routing: bool = True, token_routing: bool = True) -> Dict[str, bool]:
+def input_fusion(sequence_routing: bool = False, token_routing: bool = False
+                 ) -> Dict[str, bool]:
   """Whether (Omni-)SMoLA projections read their input once, per routing.
 
   `sequence_routing`: `[W | Phi]` (the encoder's router logits); `token_routing`
-  (also every causal layer, the decoder): `[W | Phi | A_all]`. The defaults are what
-  benchmarks/pali3_block.py measured (docs/DESIGN.md, section 7). gin, e.g.
-  `omni_smola.nn.omni_smola.input_fusion.token_routing = False`.
+  (also every causal layer, the decoder): `[W | Phi | A_all]`. Off by default: the
+  joint product rounds `x W` differently from the frozen matmul (1 ulp), so an
+  untrained adapter would no longer leave the backbone's output bit-identical
+  (tests/test_adapter_math.py pins that); docs/DESIGN.md, section 7, has the
+  measurements. Read while tracing: gin, e.g.
+  `omni_smola.nn.omni_smola.input_fusion.sequence_routing = True`.
   """
   return {"sequence": sequence_routing, "token": token_routing}
 
