@@ -12,7 +12,8 @@ from its paper gin file, sites included, so what is timed is what a run builds:
     lora128         adapters/paper_lora128.gin        (all attention and MLP projections)
     smola_mm96      adapters/paper_smola_mm96.gin     (sequence routing)
     omni_smola_o48  adapters/paper_omni_smola_o48.gin (sequence routing)
-    <case>/unfused  the same with input fusion off (gin `input_fusion`, nn/omni_smola.py)
+    <case>/unfused  the same with input fusion off (gin `input_fusion`, nn/omni_smola.py;
+                    off is the library's default, the other cases run with it on)
   decode_step/...   32 cached-decoding steps (beam 4, one token each) of one adapted
                     2048 -> 5120 projection, O-48 routed per token (the decoder is
                     causal), fused and unfused: the other place input fusion acts
