@@ -183,6 +183,10 @@ class RunCheckpointer:
           self._adapters_manager = ocp.CheckpointManager(
               self.adapters_directory, options=self._options(),
               item_handlers={ADAPTERS_ITEM: ocp.StandardCheckpointHandler()})
+        if step in self._adapters_manager.all_steps():
+          # Exported before the run died and was resumed from an earlier step: replaced by
+          # this run's, so adapters/<step> is always the checkpoint of the same step.
+          self._adapters_manager.delete(step)
         self._adapters_manager.save(step, args=ocp.args.Composite(**{
             ADAPTERS_ITEM: ocp.args.StandardSave({"params": adapters})}), force=True)
 
