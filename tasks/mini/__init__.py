@@ -16,12 +16,12 @@ on validation, % exact match): count 36.8, colour 15.6, spatial 49.4, digits 9.8
 4.0, reading 4.4. Version 1.0.0 drew digits and words too small for 32 px and no model learned
 them (digits 8.2%, reading 0%); since 1.1.0 a model trained on either task alone from
 scratch for 300 steps reaches digits 37.5% and reading 15.6%. The FT generalist (the demo's
-backbone: every parameter, 1000 steps on `mini_generalist`) stays at chance on digits (7.0)
-and near it on reading (6.2) and spatial (52.3): in the mixture, each task gets a ninth of
-the steps and shares the capacity. Its gap to per-task specialists (the paper's delta, Table
-3; specialists = the generalist fully fine-tuned 150 steps on one task at 3e-3, as the
-mini_table3 study runs them) is -19.1 and -18.9 over the nine tasks for specialist seeds 0
-and 1 (-4.2 and -3.7 over the six exact-match tasks): interference beyond the seed spread.
+backbone: every parameter, 1000 steps on `mini_generalist`) reaches digits 7.0 / 17.2 and
+reading 6.2 / 3.9 (seeds 0 / 1): in the mixture each task gets a ninth of the steps and
+shares the capacity. Its gap to per-task specialists (the paper's delta, Table 3;
+specialists = the seed-0 generalist fully fine-tuned 150 steps on one task at 3e-3, as the
+mini_table3 study runs them) is -15.3 +- 5.3 over generalist seeds 0 and 1 (nine tasks,
+CIDEr-dominated; -2.7 +- 1.8 over the six exact-match tasks alone).
 Reading needs a longer specialist (300 steps at 1e-2: 18.0%; 150 at 3e-3: 3.9-5.5%).
 """
 from __future__ import annotations
