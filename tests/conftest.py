@@ -21,8 +21,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # trains the session's shared tiny run (train_common.shared_tiny_run); test_eval.py and
 # test_infer.py read it and come late, so they do not sit waiting on its lock.
 LONGEST_FIRST = {
-    "test_demo.py": 155, "test_train.py": 146, "test_multiprocess_train.py": 55,
-    "test_adapter_sharding.py": 43, "test_train_multidevice.py": 43,
+    "test_demo.py": 180, "test_faults.py": 170, "test_train.py": 146, "test_study.py": 120,
+    "test_multiprocess_train.py": 75, "test_train_multidevice.py": 65,
+    "test_adapter_sharding.py": 43, "test_move.py": 25, "test_memory_plan.py": 25,
+    "test_specialist_bank.py": 20, "test_fused_projection.py": 15,
+    "test_vision_towers.py": 15,
     "test_models_pali.py": 39, "test_layer_stack.py": 38, "test_adapter_routing.py": 30,
     "test_adapter_math.py": 27, "test_products.py": 21, "test_eval.py": 20,
     "test_decoding.py": 20, "test_infer.py": 19, "test_model_api.py": 17,

@@ -41,15 +41,35 @@ KILL_SEED = 14  # picks the kill points; the test names them when it fails
 TMP_SUFFIX = ".orbax-checkpoint-tmp"  # Orbax's temporary step directories: <step><suffix>
 
 
-@pytest.fixture(scope="session")
-def data_dir(tmp_path_factory):
-  return train_common.prepare_data(str(tmp_path_factory.getbasetemp().parent / "mini_tiny"))
+from run_fixtures import clean_gin, data_dir  # noqa: E402,F401  (pytest fixtures)
 
 
-@pytest.fixture(autouse=True)
-def clean_gin():
-  yield
-  gin.clear_config()
+class _Records(logging.Handler):
+  """What absl logged, however an earlier test left the logger's propagation."""
+
+  def __init__(self):
+    super().__init__(logging.INFO)
+    self.records = []
+
+  def emit(self, record):
+    self.records.append(record)
+
+  @property
+  def text(self) -> str:
+    return "\n".join(r.getMessage() for r in self.records)
+
+
+@pytest.fixture
+def absl_records():
+  """absl's records at INFO and above, caught on its own logger (caplog listens at the root,
+  which misses them once a binary run in this process has stopped their propagation)."""
+  logger, handler = logging.getLogger("absl"), _Records()
+  level = logger.level
+  logger.addHandler(handler)
+  logger.setLevel(logging.INFO)
+  yield handler
+  logger.removeHandler(handler)
+  logger.setLevel(level)
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +80,15 @@ def reference(tmp_path_factory, data_dir):
   return pathlib.Path(model_dir) / "checkpoints"
 
 
+# The runs here resume by skipping (the reference's step 10 and 30 carry iterator states;
+# later steps do not): writing the tiny pipeline's 32 MB iterator state at every step
+# was most of these tests' time, and the state's own resume is test_train's.
+NO_ITERATOR_STATE = {"omni_smola.training.checkpointing.CheckpointConfig.save_data_iterator":
+                     False}
+
+
 def _train(model_dir, data_dir, **overrides):
-  train_common.configure(str(model_dir), data_dir, **overrides)
+  train_common.configure(str(model_dir), data_dir, **{**NO_ITERATOR_STATE, **overrides})
   return trainer.train()
 
 
@@ -80,12 +107,96 @@ def _tree(directory) -> list:
   return sorted(str(p) for p in pathlib.Path(directory).rglob("*"))
 
 
+# The corrupt-image tests come before the killed and resumed runs: after those, in one
+# process, seqio applied the corrupt task's source preprocessor per example (an order
+# dependence of the test process not yet understood; each passes alone and first).
+CORRUPT_TASK = "faults_corrupt_images"
+CLEAN_TASK = "faults_clean_images"
+CORRUPT_MIXTURE = "faults_mixture_with_corrupt_images"
+
+
+def _corrupt(example):
+  """About a quarter of the examples (by image_id) get bytes that are no image."""
+  broken = tf.equal(tf.strings.to_hash_bucket_fast(example["image_id"], 4), 0)
+  return dict(example, image=tf.where(broken, tf.constant(b"not an image"), example["image"]))
+
+
+def _corrupted(dataset):
+  return dataset.map(_corrupt)
+
+
+@pytest.fixture(scope="module")
+def corrupt_mixture():
+  """The mini shapes-count task, twice: as it is and with broken images (small buffers)."""
+  for name, broken in ((CLEAN_TASK, []), (CORRUPT_TASK, [_corrupted])):
+    register_vl_task(name, source=tasks.mini.MiniTfdsSource("tiny", "shapes_count"),
+                     vocabulary="mini", source_preprocessors=broken, shuffle_buffer_size=16,
+                     **tasks.mini.TASK_KWARGS["shapes_count"])
+  register_vl_mixture(CORRUPT_MIXTURE, {CLEAN_TASK: 1.0, CORRUPT_TASK: 1.0})
+  return CORRUPT_MIXTURE
+
+
+def test_a_corrupt_image_in_a_raise_task_stops_the_input_naming_the_task_and_the_example(
+    data_dir, corrupt_mixture):
+  # The trainer's own pipeline; a failure there ends the run before its next step.
+  train_common.configure("unused", data_dir, TRAIN_STEPS=2, MIXTURE_OR_TASK_NAME=corrupt_mixture)
+  cfg = gin.query_parameter("train.train_dataset_cfg").scoped_configurable_fn()
+  batches = data_iterator.TrainBatches(cfg, 16, 1)
+  with pytest.raises(Exception, match=f"Task '{CORRUPT_TASK}': the image of example "
+                     r"\(image_id=\S+, question_id=\S*\) cannot be decoded") as error:
+    for _ in range(4):
+      next(batches)
+  image_id = re.search(r"image_id=([^,]+),", str(error.value)).group(1)
+  assert int(tf.strings.to_hash_bucket_fast(image_id, 4)) == 0, image_id  # one we broke
+
+
+class _RecordingWriter:
+  def __init__(self):
+    self.scalars = {}
+
+  def write_scalars(self, step, scalars):
+    self.scalars[step] = dict(scalars)
+
+  def flush(self):
+    pass
+
+  def close(self):
+    pass
+
+
+def test_a_skip_task_set_in_gin_drops_corrupt_images_and_the_train_metrics_count_them(
+    tmp_path, data_dir, corrupt_mixture, monkeypatch):
+  writers = {}
+
+  def recording_writer(model_dir, collection):
+    del model_dir
+    return writers.setdefault(collection, _RecordingWriter())
+
+  monkeypatch.setattr(metrics_logging, "create_writer", recording_writer)
+  result = _train(tmp_path, data_dir, TRAIN_STEPS=2, MIXTURE_OR_TASK_NAME=corrupt_mixture,
+                  **{"omni_smola.data.on_corrupt_image.by_task": {CORRUPT_TASK: "skip"}})
+  assert result.step == 2
+  logged = writers["train"].scalars[2]
+  assert logged["skipped_examples"] >= 1, logged
+  assert logged[f"skipped_examples/{CORRUPT_TASK}"] == logged["skipped_examples"], logged
+  assert CLEAN_TASK not in str(logged)
+
+
+def test_a_corrupt_image_policy_for_a_task_the_run_does_not_use_is_refused(tmp_path, data_dir):
+  with pytest.raises(ValueError, match=r"on_corrupt_image.by_task names \['mini_shapes_cnt'\], "
+                     "which this run neither trains nor evaluates on"):
+    _train(tmp_path / "run", data_dir, TRAIN_STEPS=2,
+           **{"omni_smola.data.on_corrupt_image.by_task": {"mini_shapes_cnt": "skip"}})
+  assert not (tmp_path / "run").exists()
+
+
 class _Binary:
   """The train binary continuing `model_dir`, checkpointing every step; stderr collected."""
 
   def __init__(self, model_dir, data_dir):
     argv = train_common.binary_command("train", data_dir, MODEL_DIR=str(model_dir),
-                                       TRAIN_STEPS=1000, CHECKPOINT_PERIOD=1)
+                                       TRAIN_STEPS=1000, CHECKPOINT_PERIOD=1,
+                                       **NO_ITERATOR_STATE)
     argv.append("--gin_bindings=omni_smola.training.trainer.train.log_period = 1")
     self.process = subprocess.Popen(argv, env=train_common.binary_env(), cwd=train_common.REPO,
                                     stderr=subprocess.PIPE, text=True)
@@ -182,25 +293,28 @@ def test_kill_9_at_seeded_moments_resumes_from_the_last_complete_checkpoint_bit_
 
 
 def _cut_bytes(step_dir):
-  """Truncates the step's largest parameter file to half its size."""
+  """Truncates each of the step's parameter data files to half its size (a copy cut short).
+
+  Every file, not one: which arrays share a file of Orbax's OCDBT store varies, and a
+  file holding nothing the restore reads would leave the step readable.
+  """
   files = [p for p in (step_dir / "state").rglob("*") if p.is_file() and "/d/" in str(p)]
-  largest = max(files, key=lambda p: p.stat().st_size)
-  with open(largest, "r+b") as f:
-    f.truncate(largest.stat().st_size // 2)
-  return largest
+  assert files, step_dir
+  for path in files:
+    with open(path, "r+b") as f:
+      f.truncate(path.stat().st_size // 2)
 
 
 def test_unreadable_latest_checkpoints_are_set_aside_and_the_run_resumes_from_the_one_before(
-    tmp_path, data_dir, killed_twice, reference, caplog):
+    tmp_path, data_dir, killed_twice, reference, absl_records):
   source = killed_twice[0] / "checkpoints"
   assert _steps(source) == [18, 19, 20]
   checkpoints = tmp_path / "checkpoints"
   shutil.copytree(source, checkpoints, ignore=shutil.ignore_patterns(f"*{TMP_SUFFIX}*"))
   _cut_bytes(checkpoints / "20")
   (checkpoints / "19" / "state" / "_METADATA").unlink()
-  caplog.set_level(logging.INFO)
   result = _train(tmp_path, data_dir, TRAIN_STEPS=21, CHECKPOINT_PERIOD=2)
-  warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING
+  warnings = [r.getMessage() for r in absl_records.records if r.levelno == logging.WARNING
               and "cannot be read" in r.getMessage()]
   assert len(warnings) == 2, warnings
   assert warnings[0].startswith(f"The checkpoint of step 20 in {checkpoints} cannot be read ("), (
@@ -209,7 +323,7 @@ def test_unreadable_latest_checkpoints_are_set_aside_and_the_run_resumes_from_th
       warnings[1])
   assert warnings[1].endswith(f"moved it to {checkpoints / '19.unreadable'} and trying the "
                               "previous one"), warnings[1]
-  assert f"Resuming from the checkpoint of step 18 in {checkpoints}" in caplog.text
+  assert f"Resuming from the checkpoint of step 18 in {checkpoints}" in absl_records.text
   # Kept for inspection, not deleted; the run redid 19..21 from 18 and not from scratch.
   assert sorted(os.listdir(checkpoints)) == ["18", "19.unreadable", "20", "20.unreadable", "21"]
   assert result.step == 21
@@ -244,7 +358,8 @@ def test_a_failed_checkpoint_write_stops_the_run_and_keeps_the_previous_checkpoi
 
   monkeypatch.setattr(iterator_state.DataIteratorHandler, "async_save", disk_full_at_19)
   with pytest.raises(checkpointing.CheckpointWriteError) as error:
-    _train(tmp_path, data_dir, TRAIN_STEPS=20, CHECKPOINT_PERIOD=1)
+    _train(tmp_path, data_dir, TRAIN_STEPS=20, CHECKPOINT_PERIOD=1,
+           **{key: True for key in NO_ITERATOR_STATE})  # the write that fails
   message = str(error.value)
   assert "writing the checkpoint of step 19 " in message, message
   assert "No space left on device" in message, message
@@ -275,86 +390,6 @@ def test_a_checkpoint_of_another_model_config_is_refused_naming_it_and_nothing_i
 
 # ------------------------------------------------------------ corrupt images, crashing metrics
 
-CORRUPT_TASK = "faults_corrupt_images"
-CLEAN_TASK = "faults_clean_images"
-CORRUPT_MIXTURE = "faults_mixture_with_corrupt_images"
-
-
-def _corrupt(example):
-  """About a quarter of the examples (by image_id) get bytes that are no image."""
-  broken = tf.equal(tf.strings.to_hash_bucket_fast(example["image_id"], 4), 0)
-  return dict(example, image=tf.where(broken, tf.constant(b"not an image"), example["image"]))
-
-
-def _corrupted(dataset):
-  return dataset.map(_corrupt)
-
-
-@pytest.fixture(scope="module")
-def corrupt_mixture():
-  """The mini shapes-count task, twice: as it is and with broken images (small buffers)."""
-  for name, broken in ((CLEAN_TASK, []), (CORRUPT_TASK, [_corrupted])):
-    register_vl_task(name, source=tasks.mini.MiniTfdsSource("tiny", "shapes_count"),
-                     vocabulary="mini", source_preprocessors=broken, shuffle_buffer_size=16,
-                     **tasks.mini.TASK_KWARGS["shapes_count"])
-  register_vl_mixture(CORRUPT_MIXTURE, {CLEAN_TASK: 1.0, CORRUPT_TASK: 1.0})
-  return CORRUPT_MIXTURE
-
-
-def test_a_corrupt_image_in_a_raise_task_stops_the_input_naming_the_task_and_the_example(
-    data_dir, corrupt_mixture):
-  # The trainer's own pipeline; a failure there ends the run before its next step.
-  train_common.configure("unused", data_dir, TRAIN_STEPS=2, MIXTURE_OR_TASK_NAME=corrupt_mixture)
-  cfg = gin.query_parameter("train.train_dataset_cfg").scoped_configurable_fn()
-  batches = data_iterator.TrainBatches(cfg, 16, 1)
-  with pytest.raises(Exception, match=f"Task '{CORRUPT_TASK}': the image of example "
-                     r"\(image_id=\S+, question_id=\S*\) cannot be decoded") as error:
-    for _ in range(4):
-      next(batches)
-  image_id = re.search(r"image_id=([^,]+),", str(error.value)).group(1)
-  assert int(tf.strings.to_hash_bucket_fast(image_id, 4)) == 0, image_id  # one we broke
-
-
-class _RecordingWriter:
-  def __init__(self):
-    self.scalars = {}
-
-  def write_scalars(self, step, scalars):
-    self.scalars[step] = dict(scalars)
-
-  def flush(self):
-    pass
-
-  def close(self):
-    pass
-
-
-def test_a_skip_task_set_in_gin_drops_corrupt_images_and_the_train_metrics_count_them(
-    tmp_path, data_dir, corrupt_mixture, monkeypatch):
-  writers = {}
-
-  def recording_writer(model_dir, collection):
-    del model_dir
-    return writers.setdefault(collection, _RecordingWriter())
-
-  monkeypatch.setattr(metrics_logging, "create_writer", recording_writer)
-  result = _train(tmp_path, data_dir, TRAIN_STEPS=2, MIXTURE_OR_TASK_NAME=corrupt_mixture,
-                  **{"omni_smola.data.on_corrupt_image.by_task": {CORRUPT_TASK: "skip"}})
-  assert result.step == 2
-  logged = writers["train"].scalars[2]
-  assert logged["skipped_examples"] >= 1, logged
-  assert logged[f"skipped_examples/{CORRUPT_TASK}"] == logged["skipped_examples"], logged
-  assert CLEAN_TASK not in str(logged)
-
-
-def test_a_corrupt_image_policy_for_a_task_the_run_does_not_use_is_refused(tmp_path, data_dir):
-  with pytest.raises(ValueError, match=r"on_corrupt_image.by_task names \['mini_shapes_cnt'\], "
-                     "which this run neither trains nor evaluates on"):
-    _train(tmp_path / "run", data_dir, TRAIN_STEPS=2,
-           **{"omni_smola.data.on_corrupt_image.by_task": {"mini_shapes_cnt": "skip"}})
-  assert not (tmp_path / "run").exists()
-
-
 CRASHING_TASK = "faults_crashing_metric"
 
 
@@ -376,9 +411,8 @@ def crashing_eval_mixture():
 
 
 def test_an_evaluation_whose_metric_raises_is_logged_with_the_task_and_training_goes_on(
-    tmp_path, data_dir, reference, crashing_eval_mixture, caplog):
+    tmp_path, data_dir, reference, crashing_eval_mixture, absl_records):
   shutil.copytree(reference / "30", tmp_path / "checkpoints" / "30")
-  caplog.set_level(logging.INFO)
   result = _train(tmp_path, data_dir, TRAIN_STEPS=32, EVAL_PERIOD=1, EVAL_NUM_EXAMPLES=4,
                   CHECKPOINT_PERIOD=1000, **{
                       "train_infer/omni_smola.training.data_iterator.DatasetConfig."
@@ -386,7 +420,7 @@ def test_an_evaluation_whose_metric_raises_is_logged_with_the_task_and_training_
   assert result.step == 32
   assert result.eval_failures == {31: {
       CRASHING_TASK: "ZeroDivisionError: the metric divided by zero"}}, result.eval_failures
-  errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+  errors = [r.getMessage() for r in absl_records.records if r.levelno == logging.ERROR]
   assert any(f"task '{CRASHING_TASK}' raised" in m and "step 31" in m for m in errors), errors
   # The other task of that evaluation counted; the next evaluation ran every task.
   assert set(result.eval_results[31]) == {"mini_shapes_count_tiny"}

@@ -23,16 +23,7 @@ from omni_smola.evaluation import tables  # noqa: E402
 from omni_smola.training import data_iterator, faults, iterator_state, trainer  # noqa: E402
 
 
-@pytest.fixture(scope="session")
-def data_dir(tmp_path_factory):
-  # Shared by the pytest workers of one run (the mini source locks while it builds).
-  return train_common.prepare_data(str(tmp_path_factory.getbasetemp().parent / "mini_tiny"))
-
-
-@pytest.fixture(autouse=True)
-def clean_gin():
-  yield
-  gin.clear_config()
+from run_fixtures import clean_gin, data_dir  # noqa: E402,F401  (pytest fixtures)
 
 
 def train(model_dir, data_dir, callbacks=(), **overrides):

@@ -20,15 +20,7 @@ from omni_smola.checkpoints.restore import CheckpointMismatchError  # noqa: E402
 from omni_smola.training import data_iterator, partitioned_step, trainer  # noqa: E402
 
 
-@pytest.fixture(scope="session")
-def data_dir(tmp_path_factory):
-  return train_common.prepare_data(str(tmp_path_factory.getbasetemp().parent / "mini_tiny"))
-
-
-@pytest.fixture(autouse=True)
-def clean_gin():
-  yield
-  gin.clear_config()
+from run_fixtures import clean_gin, data_dir  # noqa: E402,F401  (pytest fixtures)
 
 
 def test_unknown_task_exits_1_listing_the_registered_ones_and_writes_nothing(
