@@ -1,6 +1,8 @@
 import os
 import sys
 
+import pytest
+
 # Tests run on the CPU, quietly, and find the repo's packages (`omni_smola`, `tasks`).
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -36,3 +38,19 @@ LONGEST_FIRST = {
 def pytest_collection_modifyitems(config, items):
   del config
   items.sort(key=lambda item: -LONGEST_FIRST.get(os.path.basename(str(item.fspath)), 0))
+
+
+@pytest.fixture(autouse=True)
+def absl_records_reach_the_root_logger():
+  """Each test starts with absl's logger passing its records to the root (where `caplog`
+  listens), whatever an earlier test's in-process binary left: its level, `propagate` and
+  `disabled` are reset, and restored after the test."""
+  import logging  # pylint: disable=g-import-not-at-top
+  absl_logger = logging.getLogger("absl")
+  saved = absl_logger.level, absl_logger.propagate, absl_logger.disabled
+  absl_logger.setLevel(logging.NOTSET)
+  absl_logger.propagate, absl_logger.disabled = True, False
+  yield
+  absl_logger.setLevel(saved[0])
+  absl_logger.propagate, absl_logger.disabled = saved[1], saved[2]
+
