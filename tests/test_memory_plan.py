@@ -41,7 +41,8 @@ def test_the_plan_prints_each_devices_bytes_and_the_verdict(tiny_plan):
     assert row in stdout, row
   assert "fits: yes" in stdout and plan["fits"] is True
   assert plan["mesh"] == {"data": 2, "model": 2} and plan["num_devices"] == 4
-  assert plan["xla_bytes"]["temp"] > 0 and plan["compile_seconds"] > 0
+  assert plan["xla_bytes"]["temp"] > 0
+  assert isinstance(plan["compile_seconds"], float)  # reported, never judged: speed is benchmarks'/
 
 
 def test_parameters_count_their_shard_and_the_batch_its_rows(tiny_plan):
