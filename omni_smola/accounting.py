@@ -35,8 +35,8 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from omni_smola import param_layout, trace_records
-from omni_smola.nn import AdapterSpec
+from omni_smola import mome_accounting, param_layout, trace_records
+from omni_smola.nn import SLOT_NAMES, AdapterSpec
 from omni_smola.nn import accounting as adapter_accounting
 from omni_smola.training import optimizers, partitioned_step
 from omni_smola.training.train_state import split_params
@@ -50,6 +50,7 @@ REFERENCE_OPTIMIZERS = ("adafactor", "adamw")
 # matches is an error (never a silent misfiling); token counts come from the trace.
 STACK_RULES = (
     (r"^img(/|_projection/)", "vision"),
+    (r"^(vision_towers|move)/", "vision"),  # MoME's other towers and MoVE
     (r"(^|/)encoder/", "encoder"),
     (r"(^|/)decoder/", "decoder"),
     (r"(^|/)token_embedder/", "embedding"),
@@ -69,8 +70,10 @@ class TokenLayout:
 
   @classmethod
   def of(cls, model, task_feature_lengths: Mapping[str, int]) -> "TokenLayout":
-    vision = model.config.vision
-    return cls(visual=vision.num_patches if vision is not None else 0,
+    vision, move = model.config.vision, model.config.move
+    visual = 0 if vision is None else (
+        vision.num_patches if move is None else move.adt.num_queries)  # MoVE's L tokens
+    return cls(visual=visual,
                inputs=int(task_feature_lengths["inputs"]),
                targets=int(task_feature_lengths["targets"]))
 
@@ -222,8 +225,8 @@ def adapted_sites(model, leaves: Sequence[Leaf], records: trace_records.TraceRec
   """Every adapted projection with its adapter's FLOPs and closed-form parameter count."""
   sites: Dict[Tuple[str, str], AdaptedSite] = {}
   for leaf in leaves:
-    if leaf.site is None:
-      continue
+    if leaf.site is None or leaf.adapter_module not in SLOT_NAMES:
+      continue  # a backbone parameter, or a MoME module (`mome_parts`), not on a projection
     key = (leaf.site, leaf.adapter_module)
     if key not in sites:
       record = _projection(records, leaf.site)
@@ -253,6 +256,24 @@ def _site_flops(spec: AdapterSpec, site: AdaptedSite, groups, tokens, d_context)
   group = next(iter(site.params))
   return {group: adapter_accounting.adapter_forward_flops(
       spec, site.d_in, site.d_out, tokens, causal=site.causal, d_context=d_context)}
+
+
+def _mome_part_pattern(part: str) -> str:
+  """The paths of a `mome_accounting.mome_parts` part."""
+  kind, _, name = part.partition("/")
+  if kind == "tower":
+    return r"^img/" if name == "img" else rf"^vision_towers/{re.escape(name)}/"
+  if kind == "move":
+    return rf"^move/{re.escape(name)}/"
+  return r"/mome_mole/"
+
+
+def mome_parts(model, leaves: Sequence[Leaf]) -> Dict[str, Dict[str, int]]:
+  """MoME's towers, ADT modules, routers and MoLE: counted on the tree and in closed form."""
+  return {part: {"parameters": _sum(l.size for l in leaves
+                                    if re.search(_mome_part_pattern(part), l.path)),
+                 "closed_form": closed_form}
+          for part, closed_form in mome_accounting.mome_parts(model.config).items()}
 
 
 # --------------------------------------------------------------------- optimizer
@@ -364,6 +385,9 @@ def account_model(model, task_feature_lengths: Optional[Mapping[str, int]] = Non
                 f"{s.closed_form_params}" for s in sites
                 if _adapter_spec(model, s.module) is not None
                 and sum(s.params.values()) != s.closed_form_params]
+  mome = mome_parts(model, leaves)
+  mismatches += [f"{part}: counted {p['parameters']}, closed form {p['closed_form']}"
+                 for part, p in mome.items() if p["parameters"] != p["closed_form"]]
   vision, text = model.config.vision, model.config.text
   return {
       "model": {"config": model.config_name,
@@ -388,6 +412,7 @@ def account_model(model, task_feature_lengths: Optional[Mapping[str, int]] = Non
       "adapted_sites": len(sites),
       "adapted_projections": {module: sorted(s.site for s in sites if s.module == module)
                               for module in sorted({s.module for s in sites})},
+      "mome": mome,
       "closed_form_mismatches": mismatches,
   }
 

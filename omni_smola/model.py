@@ -35,7 +35,9 @@ from omni_smola.nn.adapter_spec import check_sites_match
 DECODING_METHODS = ("greedy", "sample", "beam")
 TRAINABLE_MODES = ("adapters", "full")
 # Bindings that only take effect when the config is built by gin (`@PaliConfig()`).
-_CONFIG_CLASSES = ("PaliConfig", "T5Config", "ViTConfig")
+_CONFIG_CLASSES = ("PaliConfig", "T5Config", "ViTConfig", "MoVEConfig", "ADTConfig",
+                   "BottleneckMoLEConfig", "DinoV2Config", "ClipVisionConfig",
+                   "Pix2StructVisionConfig")
 _DECODER_PARAMS = ("decoding", "temperature", "top_k", "topk", "alpha", "use_cache",
                    "max_decode_length", "eos_id", "decode_rng")
 

@@ -76,6 +76,13 @@ def path_name(path: Path) -> str:
   return "/".join(path_keys(path))
 
 
+# Modules a model adds beside its pretrained parts, handled as the adapter slots are (fresh
+# at initialisation, optional in a backbone checkpoint, trained in 'adapters' mode): MoME's
+# MoVE front end (`move/...`) and its MoLE beside each FFN (`.../layers_{i}/mome_mole/...`).
+# Their component (and slot) in reports is the module's name.
+ADDED_MODULES = ("move", "mome_mole")
+
+
 def adapter_position(path: Path, plan: Optional[AdapterPlan] = None
                      ) -> Optional[AdapterPosition]:
   """The adapter `path` belongs to, or None for a backbone parameter.
@@ -85,6 +92,8 @@ def adapter_position(path: Path, plan: Optional[AdapterPlan] = None
   """
   keys = path_keys(path)
   for index, name in enumerate(keys):
+    if name in ADDED_MODULES:
+      return AdapterPosition("/".join(keys[:index]), name, name)
     if name in SLOT_NAMES:
       following = keys[index + 1] if index + 1 < len(keys) else ""
       if name != SLOT_NAMES[0]:
@@ -99,8 +108,8 @@ def adapter_position(path: Path, plan: Optional[AdapterPlan] = None
 
 
 def is_adapter_path(path: Path) -> bool:
-  """Whether `path` lies inside an adapter slot (trains in 'adapters' mode)."""
-  return any(name in SLOT_NAMES for name in path_keys(path))
+  """Whether `path` lies inside an adapter slot or an added module (trains in 'adapters' mode)."""
+  return any(name in SLOT_NAMES or name in ADDED_MODULES for name in path_keys(path))
 
 
 def is_box(x) -> bool:

@@ -278,9 +278,15 @@ def format_table(account: Mapping[str, Any]) -> str:
   lines.append(_table(header, rows))
   lines.append("")
   lines.append(projection_table(account["adapted_projections"]))
+  if account.get("mome"):
+    lines.append("")
+    lines.append(_table(["MoME part (omni_smola.mome_accounting)", "parameters", "closed form"],
+                        [[part, f"{p['parameters']:,}", f"{p['closed_form']:,}"]
+                         for part, p in account["mome"].items()]))
   if account["closed_form_mismatches"]:
     lines.append("")
-    lines.append("WARNING: adapter parameters differ from omni_smola.nn.accounting:")
+    lines.append("WARNING: adapter parameters differ from omni_smola.nn.accounting "
+                 "(MoME parts: omni_smola.mome_accounting):")
     lines.extend("  " + m for m in account["closed_form_mismatches"])
   return "\n".join(lines)
 

@@ -155,7 +155,8 @@ def test_model_gin_files_bind_MODEL_with_the_named_configs_dimensions():  # noqa
       gin.clear_config()
     assert isinstance(model, PaliModel) and model.config == configs.CONFIGS[name], name
     assert model.config_name == name
-    assert model.has_vision == (name in ("tiny", "mini", "pali3"))
+    assert model.has_vision == (name in ("tiny", "mini", "pali3", "tiny_mome", "mini_mome",
+                                         "pali3_mome"))
 
 
 def test_bad_settings_fail_early_naming_the_field():

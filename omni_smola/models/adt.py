@@ -21,58 +21,17 @@ A validity mask `[b, h, w]` (Pix2Struct's padded variable grid, valid region in 
 top-left) makes the pooling bins cover each example's own valid region and the
 deformable sampling read zero on padding.
 """
-import dataclasses
-import math
 from typing import Any, Optional
 
 import flax.linen as nn
-import gin
 import jax.numpy as jnp
 
 from omni_smola.models.attention import MultiHeadAttention
+from omni_smola.models.configs import ADTConfig
 from omni_smola.models.vit import MlpBlock, _layer_norm
 from omni_smola.nn import NO_ADAPTERS, TokenContext
 from omni_smola.nn.deformable_attention import (DeformableCrossAttention, check_valid_mask,
                                                 valid_extent)
-
-
-@gin.configurable
-@dataclasses.dataclass(frozen=True)
-class ADTConfig:
-  """One tower's transformation.
-
-  Attributes:
-    num_queries: L, the tokens out; a square number (the query grid is sqrt(L)
-      on each side), at most the tower's grid on each side.
-    num_layers: M (MoME: 6).
-    num_heads: Nh of the self- and cross-attention (MoME: 8).
-    num_points: Np sampling points per head (MoME: 4).
-    mlp_ratio: the FFN's hidden width over the tower's width.
-    dtype: activation dtype; parameters stay float32.
-  """
-  num_queries: int = 64
-  num_layers: int = 6
-  num_heads: int = 8
-  num_points: int = 4
-  mlp_ratio: int = 4
-  dtype: str = "float32"
-
-  @property
-  def grid_side(self) -> int:
-    side = math.isqrt(self.num_queries) if self.num_queries > 0 else 0
-    if side < 1 or side * side != self.num_queries:
-      raise ValueError(f"ADTConfig.num_queries={self.num_queries} is not a positive square "
-                       "number (the queries are a square grid)")
-    return side
-
-  def check_feature_grid(self, height: int, width: int, where: str) -> int:
-    """The query grid's side; fails when L is larger than the tower's grid."""
-    side = self.grid_side
-    if side > height or side > width:
-      raise ValueError(
-          f"ADTConfig.num_queries={self.num_queries} (a {side}x{side} query grid) is larger "
-          f"than {where}'s feature grid {height}x{width}")
-    return side
 
 
 def _bin_membership(extent, size: int, bins: int):

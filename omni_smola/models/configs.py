@@ -19,7 +19,8 @@ it), SigLIP-G/14 (Zhai et al. 2023; ViT-G/14 of Zhai et al. 2022), PaLI-3 (Chen
 et al. 2023: SigLIP-G/14 + UL2-3B, the multilingual mT5 vocabulary).
 """
 import dataclasses
-from typing import Dict, Optional
+import math
+from typing import Any, Dict, Optional, Tuple
 
 import gin
 import jax.numpy as jnp
@@ -91,6 +92,8 @@ class T5Config:
     scan_layers: each stack as one `nn.scan` (`encoder/layers/...` with a leading
       layer axis) instead of `layers_{i}`: one layer to trace and compile instead of
       all of them; see `models.layer_stack`.
+    mome_mole: MoME's MoLE beside every FFN of the encoder and the decoder
+      (`BottleneckMoLEConfig`; `.../layers_{i}/mome_mole/...`); None: none.
   """
   emb_dim: int
   num_heads: int
@@ -109,9 +112,13 @@ class T5Config:
   remat: bool = False
   remat_policy: str = "nothing_saveable"
   scan_layers: bool = False
+  mome_mole: Optional["BottleneckMoLEConfig"] = None
 
   def __post_init__(self):
     layer_stack.check_remat_policy("T5Config", self.remat_policy)
+    if self.mome_mole is not None and not isinstance(self.mome_mole, BottleneckMoLEConfig):
+      raise ValueError(f"T5Config.mome_mole must be a BottleneckMoLEConfig (gin: "
+                       f"@BottleneckMoLEConfig()), got {self.mome_mole!r}")
 
   @property
   def activation_dtype(self):
@@ -121,52 +128,22 @@ class T5Config:
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class PaliConfig:
-  """A PaLI-like model; `vision=None` is a text-only encoder-decoder."""
+  """A PaLI-like model; `vision=None` is a text-only encoder-decoder.
+
+  Attributes:
+    move: MoME's mixture of vision experts (`MoVEConfig`) in place of the ViT's tokens
+      alone: the ViT (tower `'img'`, `PALI_VIT_TOWER`) and `vision_towers` each give a
+      feature map, MoVE fuses them into the visual tokens (`models.move`). None: PaLI.
+    vision_towers: MoME's other towers, `((name, config), ...)` with a `DinoV2Config`,
+      `ClipVisionConfig` or `Pix2StructVisionConfig` each (`vision_towers/<name>/...`).
+  """
   text: T5Config
   vision: Optional[ViTConfig] = None
+  move: Optional["MoVEConfig"] = None
+  vision_towers: Tuple[Tuple[str, Any], ...] = ()
 
-
-# The published sizes scan their layers (compile time; models.layer_stack); the unit-test
-# and demo sizes stay unrolled, so per-layer checkpoints and routing stay the simple case.
-def _t5(emb, heads, mlp, layers, head_dim=64, **kw) -> T5Config:
-  return T5Config(emb_dim=emb, num_heads=heads, head_dim=head_dim, mlp_dim=mlp,
-                  num_encoder_layers=layers, num_decoder_layers=layers, scan_layers=True, **kw)
-
-
-_SIGLIP_G14 = ViTConfig(width=1664, depth=48, mlp_dim=8192, num_heads=16, patch_size=14,
-                        image_size=224, scan_layers=True)
-
-CONFIGS: Dict[str, PaliConfig] = {
-    # Unit tests: every dimension distinct where it can be, so a transposed axis fails.
-    "tiny": PaliConfig(
-        text=T5Config(emb_dim=32, num_heads=4, head_dim=8, mlp_dim=64, num_encoder_layers=2,
-                      num_decoder_layers=2, vocab_size=512),
-        vision=ViTConfig(width=24, depth=2, mlp_dim=48, num_heads=4, patch_size=8,
-                         image_size=16)),
-    # CPU demo: trains in minutes on a laptop; the offline mixture's ~1000-piece
-    # SentencePiece model fits the vocabulary (override `text.vocab_size` to match).
-    "mini": PaliConfig(
-        text=T5Config(emb_dim=128, num_heads=4, head_dim=32, mlp_dim=256,
-                      num_encoder_layers=2, num_decoder_layers=2, vocab_size=1024),
-        vision=ViTConfig(width=128, depth=2, mlp_dim=256, num_heads=4, patch_size=8,
-                         image_size=32)),
-    "t5_1_1_small": PaliConfig(text=_t5(512, 6, 1024, 8)),
-    "t5_1_1_base": PaliConfig(text=_t5(768, 12, 2048, 12)),
-    "t5_1_1_large": PaliConfig(text=_t5(1024, 16, 2816, 24)),
-    "t5_1_1_xl": PaliConfig(text=_t5(2048, 32, 5120, 24)),
-    # UL2 has T5.1.1-XL's shape with a gated-SiLU MLP.
-    "ul2_3b": PaliConfig(text=_t5(2048, 32, 5120, 24, mlp_activation="silu")),
-    "pali3": PaliConfig(text=_t5(2048, 32, 5120, 24, vocab_size=MT5_VOCAB_SIZE,
-                                 mlp_activation="silu"),
-                        vision=_SIGLIP_G14),
-}
-
-
-def get_config(name: str) -> PaliConfig:
-  """The named config; change a field with `dataclasses.replace` (gin: bind the field)."""
-  if name not in CONFIGS:
-    raise KeyError(f"unknown model config {name!r}; known: {sorted(CONFIGS)}")
-  return CONFIGS[name]
+  def __post_init__(self):
+    check_mome_towers(self)
 
 
 # ----------------------------------------------------------------------------- MoME's towers
@@ -308,3 +285,236 @@ class Pix2StructVisionConfig:
   @property
   def activation_dtype(self):
     return jnp.dtype(self.dtype)
+
+
+# ----------------------------------------------------------------------------- MoME's PaLI
+# MoME's mixture of vision experts (MoVE: one ADT per tower, an instruction router) and its
+# MoLE (bottleneck experts beside each FFN), as configs of a PaLI model (docs/DESIGN.md §3.7).
+
+PALI_VIT_TOWER = "img"  # the PaLI ViT's name among MoVE's towers (its parameters: `img/...`)
+TOWER_CONFIGS = (DinoV2Config, ClipVisionConfig, Pix2StructVisionConfig)
+MOVE_TRANSFORMS = ("adt", "average_pool")  # models.move.TRANSFORMS
+MOVE_FUSIONS = ("router", "addition")  # models.move.FUSIONS
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class ADTConfig:
+  """One tower's adaptive deformable transformation (`models.adt.ADT`).
+
+  Attributes:
+    num_queries: L, the tokens out; a square number (the query grid is sqrt(L)
+      on each side), at most the tower's grid on each side.
+    num_layers: M (MoME: 6).
+    num_heads: Nh of the self- and cross-attention (MoME: 8).
+    num_points: Np sampling points per head (MoME: 4).
+    mlp_ratio: the FFN's hidden width over the tower's width.
+    dtype: activation dtype; parameters stay float32.
+  """
+  num_queries: int = 64
+  num_layers: int = 6
+  num_heads: int = 8
+  num_points: int = 4
+  mlp_ratio: int = 4
+  dtype: str = "float32"
+
+  @property
+  def grid_side(self) -> int:
+    side = math.isqrt(self.num_queries) if self.num_queries > 0 else 0
+    if side < 1 or side * side != self.num_queries:
+      raise ValueError(f"ADTConfig.num_queries={self.num_queries} is not a positive square "
+                       "number (the queries are a square grid)")
+    return side
+
+  def check_feature_grid(self, height: int, width: int, where: str) -> int:
+    """The query grid's side; fails when L is larger than the tower's grid."""
+    side = self.grid_side
+    if side > height or side > width:
+      raise ValueError(
+          f"ADTConfig.num_queries={self.num_queries} (a {side}x{side} query grid) is larger "
+          f"than {where}'s feature grid {height}x{width}")
+    return side
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class MoVEConfig:
+  """The MoVE front end (`models.move.MoVE`).
+
+  Attributes:
+    tower_names: one per vision tower, in the order of the feature maps; they name
+      the transformations' parameters (`transform_<tower>`).
+    width: the common width every transformation projects to.
+    transform: 'adt' (the paper's) or 'average_pool' (its ablation).
+    fusion: 'router' (the paper's instruction router) or 'addition' (its ablation).
+    router_hidden_dim: W1's width; None: the instruction embedding's.
+    adt: the transformations' settings (one per tower, same settings).
+  """
+  tower_names: Tuple[str, ...]
+  width: int
+  transform: str = "adt"
+  fusion: str = "router"
+  router_hidden_dim: Optional[int] = None
+  adt: ADTConfig = ADTConfig()
+
+  def __post_init__(self):
+    if not self.tower_names:
+      raise ValueError(f"MoVEConfig.tower_names={tuple(self.tower_names)!r}: MoVE needs at "
+                       "least one tower (the router would weigh zero towers)")
+    if len(set(self.tower_names)) != len(self.tower_names):
+      raise ValueError(f"MoVEConfig.tower_names={tuple(self.tower_names)!r} repeats a name")
+    for field, known in (("transform", MOVE_TRANSFORMS), ("fusion", MOVE_FUSIONS)):
+      if getattr(self, field) not in known:
+        raise ValueError(f"MoVEConfig.{field}={getattr(self, field)!r}; known: {sorted(known)}")
+    if self.fusion == "router" and len(self.tower_names) == 1:
+      raise ValueError(
+          f"MoVEConfig.fusion='router' over one tower {tuple(self.tower_names)!r} always "
+          "weighs it 1 and would train nothing: use fusion='addition'")
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class BottleneckMoLEConfig:
+  """MoME's MoLE beside each FFN of the text model (`nn.mome_mole.BottleneckMoLE`).
+
+  Attributes:
+    num_experts: K (the paper's figure draws 4); 1: stage 1's single adapter, no router.
+    bottleneck_dim: r (MoME: 64).
+    router_hidden_dim: the router's W1 width; None: the instruction embedding's.
+  """
+  num_experts: int = 4
+  bottleneck_dim: int = 64
+  router_hidden_dim: Optional[int] = None
+
+  def __post_init__(self):
+    for field in ("num_experts", "bottleneck_dim"):
+      if getattr(self, field) < 1:
+        raise ValueError(f"BottleneckMoLEConfig.{field}={getattr(self, field)} must be >= 1 "
+                         "(zero would add a MoLE that computes nothing)")
+
+
+def check_mome_towers(config: "PaliConfig") -> None:
+  """MoVE's tower names must be exactly the PaLI ViT and `vision_towers`: none unused."""
+  if config.move is None:
+    if config.vision_towers:
+      raise ValueError(
+          f"PaliConfig.vision_towers names {[n for n, _ in config.vision_towers]} but "
+          "PaliConfig.move is None: nothing would read them (bind PaliConfig.move = "
+          "@MoVEConfig(), or drop the towers)")
+    return
+  if not isinstance(config.move, MoVEConfig):
+    raise ValueError(f"PaliConfig.move must be a MoVEConfig (gin: @MoVEConfig()), "
+                     f"got {config.move!r}")
+  if config.vision is None:
+    raise ValueError(f"PaliConfig.move needs PaliConfig.vision: the PaLI ViT is MoVE's tower "
+                     f"{PALI_VIT_TOWER!r}, and its image_size is the model's input size")
+  names = []
+  for entry in config.vision_towers:
+    if not (isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[0], str)):
+      raise ValueError(f"PaliConfig.vision_towers entry {entry!r} is not (name, config)")
+    name, tower = entry
+    if not isinstance(tower, TOWER_CONFIGS):
+      raise ValueError(f"PaliConfig.vision_towers[{name!r}] is a {type(tower).__name__}; "
+                       f"known: {[c.__name__ for c in TOWER_CONFIGS]}")
+    names.append(name)
+  available = [PALI_VIT_TOWER] + names
+  if len(set(available)) != len(available):
+    raise ValueError(f"PaliConfig.vision_towers names {names} repeat a name or use "
+                     f"{PALI_VIT_TOWER!r}, the PaLI ViT's")
+  unused = sorted(set(available) - set(config.move.tower_names))
+  unknown = sorted(set(config.move.tower_names) - set(available))
+  if unused or unknown:
+    raise ValueError(
+        f"MoVEConfig.tower_names={tuple(config.move.tower_names)!r} must name every tower "
+        f"{available} once: unused {unused}, unknown {unknown}")
+
+
+# ----------------------------------------------------------------------------- named sizes
+# The published sizes scan their layers (compile time; models.layer_stack); the unit-test
+# and demo sizes stay unrolled, so per-layer checkpoints and routing stay the simple case.
+def _t5(emb, heads, mlp, layers, head_dim=64, **kw) -> T5Config:
+  return T5Config(emb_dim=emb, num_heads=heads, head_dim=head_dim, mlp_dim=mlp,
+                  num_encoder_layers=layers, num_decoder_layers=layers, scan_layers=True, **kw)
+
+
+_SIGLIP_G14 = ViTConfig(width=1664, depth=48, mlp_dim=8192, num_heads=16, patch_size=14,
+                        image_size=224, scan_layers=True)
+
+CONFIGS: Dict[str, PaliConfig] = {
+    # Unit tests: every dimension distinct where it can be, so a transposed axis fails.
+    "tiny": PaliConfig(
+        text=T5Config(emb_dim=32, num_heads=4, head_dim=8, mlp_dim=64, num_encoder_layers=2,
+                      num_decoder_layers=2, vocab_size=512),
+        vision=ViTConfig(width=24, depth=2, mlp_dim=48, num_heads=4, patch_size=8,
+                         image_size=16)),
+    # CPU demo: trains in minutes on a laptop; the offline mixture's ~1000-piece
+    # SentencePiece model fits the vocabulary (override `text.vocab_size` to match).
+    "mini": PaliConfig(
+        text=T5Config(emb_dim=128, num_heads=4, head_dim=32, mlp_dim=256,
+                      num_encoder_layers=2, num_decoder_layers=2, vocab_size=1024),
+        vision=ViTConfig(width=128, depth=2, mlp_dim=256, num_heads=4, patch_size=8,
+                         image_size=32)),
+    "t5_1_1_small": PaliConfig(text=_t5(512, 6, 1024, 8)),
+    "t5_1_1_base": PaliConfig(text=_t5(768, 12, 2048, 12)),
+    "t5_1_1_large": PaliConfig(text=_t5(1024, 16, 2816, 24)),
+    "t5_1_1_xl": PaliConfig(text=_t5(2048, 32, 5120, 24)),
+    # UL2 has T5.1.1-XL's shape with a gated-SiLU MLP.
+    "ul2_3b": PaliConfig(text=_t5(2048, 32, 5120, 24, mlp_activation="silu")),
+    "pali3": PaliConfig(text=_t5(2048, 32, 5120, 24, vocab_size=MT5_VOCAB_SIZE,
+                                 mlp_activation="silu"),
+                        vision=_SIGLIP_G14),
+}
+
+
+def get_config(name: str) -> PaliConfig:
+  """The named config; change a field with `dataclasses.replace` (gin: bind the field)."""
+  if name not in CONFIGS:
+    raise KeyError(f"unknown model config {name!r}; known: {sorted(CONFIGS)}")
+  return CONFIGS[name]
+
+
+def _mome(base: PaliConfig, towers, move: MoVEConfig, mole: BottleneckMoLEConfig
+          ) -> PaliConfig:
+  return dataclasses.replace(base, text=dataclasses.replace(base.text, mome_mole=mole),
+                             move=move, vision_towers=towers)
+
+
+# The MoME sizes: the PaLI ViT plus a DINOv2-like and a Pix2Struct-like tower. `tiny_mome`
+# is for unit tests (every width distinct), `mini_mome` the CPU demo's, `pali3_mome` the
+# paper-like scale that accounting counts without allocating (DINOv2-L/14, a CLIP-L/14
+# stand-in for EVA-CLIP with its last layer dropped, Pix2Struct-base).
+CONFIGS.update({
+    "tiny_mome": _mome(
+        CONFIGS["tiny"],
+        (("dinov2", DinoV2Config(width=16, depth=1, mlp_dim=40, num_heads=2, patch_size=4,
+                                 image_size=16)),
+         ("pix2struct", Pix2StructVisionConfig(width=20, depth=1, mlp_dim=36, num_heads=2,
+                                               head_dim=6, patch_size=4, num_positions=32,
+                                               max_patches=16))),
+        MoVEConfig(tower_names=("img", "dinov2", "pix2struct"), width=24, router_hidden_dim=12,
+                   adt=ADTConfig(num_queries=4, num_layers=1, num_heads=2, num_points=2,
+                                 mlp_ratio=2)),
+        BottleneckMoLEConfig(num_experts=3, bottleneck_dim=4, router_hidden_dim=10)),
+    "mini_mome": _mome(
+        CONFIGS["mini"],
+        (("dinov2", DinoV2Config(width=128, depth=2, mlp_dim=256, num_heads=4, patch_size=4,
+                                 image_size=32)),
+         ("pix2struct", Pix2StructVisionConfig(width=128, depth=2, mlp_dim=256, num_heads=4,
+                                               head_dim=32, patch_size=4, num_positions=128,
+                                               max_patches=64))),
+        MoVEConfig(tower_names=("img", "dinov2", "pix2struct"), width=128,
+                   adt=ADTConfig(num_queries=16, num_layers=2, num_heads=8, num_points=4)),
+        BottleneckMoLEConfig(num_experts=4, bottleneck_dim=16)),
+    "pali3_mome": _mome(
+        CONFIGS["pali3"],
+        (("clip", ClipVisionConfig(width=1024, depth=23, mlp_dim=4096, num_heads=16,
+                                   patch_size=14, image_size=224, scan_layers=True)),
+         ("dinov2", DinoV2Config(width=1024, depth=24, mlp_dim=4096, num_heads=16,
+                                 patch_size=14, image_size=518, scan_layers=True)),
+         ("pix2struct", Pix2StructVisionConfig(width=768, depth=12, mlp_dim=2048,
+                                               num_heads=12, head_dim=64, patch_size=16,
+                                               num_positions=4096, max_patches=2048,
+                                               scan_layers=True))),
+        MoVEConfig(tower_names=("img", "clip", "dinov2", "pix2struct"), width=1664),
+        BottleneckMoLEConfig()),
+})

@@ -7,63 +7,27 @@ ablation's `AveragePool`); `G` weighs the towers per example from the instructio
 embedding `I` alone (`InstructionRouter`, or the ablation's `EqualWeights`, a plain
 sum). Both are named in `MoVEConfig` and looked up in the tables below, so gin
 switches them (`MoVEConfig.transform = 'average_pool'`). F then goes through the
-projection into the text encoder; wiring this into `models/pali.py` is later work.
+projection into the text encoder (`models.pali.Pali` with `PaliConfig.move`).
 
 Returns `(F, {"tower_weights": [b, towers]})`, the named intermediate for analysis.
 """
-import dataclasses
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence
 
 import flax.linen as nn
-import gin
-import jax.numpy as jnp
 
-from omni_smola.models.adt import ADT, ADTConfig, AveragePool
+from omni_smola.models.adt import ADT, AveragePool
+from omni_smola.models.configs import MoVEConfig
 from omni_smola.nn import NO_ADAPTERS
 from omni_smola.nn.instruction_router import EqualWeights, InstructionRouter
 
+# Keyed by the names `MoVEConfig` validates, `configs.MOVE_TRANSFORMS` and `MOVE_FUSIONS`
+# (tests/test_mome_model.py keeps them equal).
 TRANSFORMS: Dict[str, Any] = {"adt": ADT, "average_pool": AveragePool}
 FUSIONS: Dict[str, Any] = {
     "router": lambda cfg, name: InstructionRouter(len(cfg.tower_names),
                                                   cfg.router_hidden_dim, name=name),
     "addition": lambda cfg, name: EqualWeights(len(cfg.tower_names), name=name),
 }
-
-
-@gin.configurable
-@dataclasses.dataclass(frozen=True)
-class MoVEConfig:
-  """The MoVE front end.
-
-  Attributes:
-    tower_names: one per vision tower, in the order of the feature maps; they name
-      the transformations' parameters (`transform_<tower>`).
-    width: the common width every transformation projects to.
-    transform: 'adt' (the paper's) or 'average_pool' (its ablation).
-    fusion: 'router' (the paper's instruction router) or 'addition' (its ablation).
-    router_hidden_dim: W1's width; None: the instruction embedding's.
-    adt: the transformations' settings (one per tower, same settings).
-  """
-  tower_names: Tuple[str, ...]
-  width: int
-  transform: str = "adt"
-  fusion: str = "router"
-  router_hidden_dim: Optional[int] = None
-  adt: ADTConfig = ADTConfig()
-
-  def __post_init__(self):
-    if not self.tower_names:
-      raise ValueError(f"MoVEConfig.tower_names={tuple(self.tower_names)!r}: MoVE needs at "
-                       "least one tower (the router would weigh zero towers)")
-    if len(set(self.tower_names)) != len(self.tower_names):
-      raise ValueError(f"MoVEConfig.tower_names={tuple(self.tower_names)!r} repeats a name")
-    for field, table in (("transform", TRANSFORMS), ("fusion", FUSIONS)):
-      if getattr(self, field) not in table:
-        raise ValueError(f"MoVEConfig.{field}={getattr(self, field)!r}; known: {sorted(table)}")
-    if self.fusion == "router" and len(self.tower_names) == 1:
-      raise ValueError(
-          f"MoVEConfig.fusion='router' over one tower {tuple(self.tower_names)!r} always "
-          "weighs it 1 and would train nothing: use fusion='addition'")
 
 
 class MoVE(nn.Module):

@@ -42,6 +42,7 @@ instance-level adapters on the encoder's mean output, except the cross
 attention's key/value projections, which act on encoder tokens and so see the
 encoder's context.
 """
+import dataclasses
 import functools
 from typing import Any, Optional
 
@@ -55,6 +56,8 @@ from omni_smola.models.configs import T5Config
 from omni_smola.models.layers import Embed, RMSNorm, constrain
 from omni_smola.models.relative_position import RelativePositionBias
 from omni_smola.nn import NO_ADAPTERS, AdaptedDense, AdapterPlan, TokenContext
+from omni_smola.nn.instruction_router import prompt_embedding
+from omni_smola.nn.mome_mole import BottleneckMoLE
 
 _MLP_INIT = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
 
@@ -128,8 +131,13 @@ class _Layer(nn.Module):
 
   def mlp(self, x, context):
     cfg = self.config
-    return MlpBlock(cfg.mlp_dim, activation=cfg.mlp_activation, dropout_rate=cfg.dropout_rate, deterministic=self.deterministic,
-                    dtype=cfg.activation_dtype, name="mlp")(x, context)
+    y = MlpBlock(cfg.mlp_dim, activation=cfg.mlp_activation, dropout_rate=cfg.dropout_rate, deterministic=self.deterministic,
+                 dtype=cfg.activation_dtype, name="mlp")(x, context)
+    if cfg.mome_mole is None:
+      return y
+    # MoME's MoLE, beside the FFN on its input, routed on the instruction (docs/DESIGN.md §3.7).
+    return y + BottleneckMoLE(**dataclasses.asdict(cfg.mome_mole), dtype=cfg.activation_dtype,
+                              name="mome_mole")(x, context)
 
   def residual(self, x, y):
     y = nn.Dropout(self.config.dropout_rate)(y, deterministic=self.deterministic)
@@ -287,18 +295,31 @@ class EncoderDecoder(nn.Module):
     """
     x = self.token_embedder(encoder_input_tokens)
     valid = encoder_input_tokens > 0
+    # With MoME's MoLE every instance-level router (encoder and decoder) reads the
+    # instruction embedding; otherwise the encoder's own tokens, the decoder their mean.
+    instruction = (prompt_embedding(x, valid) if self.config.mome_mole is not None
+                   else None)
     if visual_tokens is None:
-      context = TokenContext(valid=valid, task_ids=task_ids)
+      context = TokenContext(valid=valid, task_ids=task_ids, instance_features=instruction)
     else:
       batch, num_visual = visual_tokens.shape[:2]
       x = jnp.concatenate([visual_tokens.astype(x.dtype), x], axis=1)
       ones = jnp.ones((batch, num_visual), bool)
       context = TokenContext(valid=jnp.concatenate([ones, valid], axis=1),
                              visual=jnp.concatenate([ones, jnp.zeros_like(valid)], axis=1),
-                             num_visual_tokens=num_visual, task_ids=task_ids)
+                             num_visual_tokens=num_visual, task_ids=task_ids,
+                             instance_features=instruction)
     encoded = self.encoder(x, context, enable_dropout)
     self.sow("intermediates", "encoded", encoded)
-    return EncoderOutput(encoded, context, masked_mean(encoded, context.valid))
+    return EncoderOutput(encoded, context, masked_mean(encoded, context.valid)
+                         if instruction is None else instruction)
+
+  def instruction(self, encoder_input_tokens):
+    """[b, emb] float32: MoME's instruction embedding, the prompt's mean token embedding.
+
+    Reads the prompt alone (never the image or the targets), so routing on it is causal-safe.
+    """
+    return prompt_embedding(self.token_embedder(encoder_input_tokens), encoder_input_tokens > 0)
 
   def decode(self, encoder_output: EncoderOutput, decoder_input_tokens, *,
              enable_dropout: bool = False, decode: bool = False,

@@ -1,0 +1,128 @@
+"""Closed-form parameter counts of a MoME PaLI's parts: towers, ADT modules, routers, MoLE.
+
+The definition accounting holds the traced model to (`accounting.mome_parts`; a test
+compares both on the tiny MoME model), and what `python -m omni_smola.params` prints for
+a MoME config at any scale without allocating. Letters: d a tower's width, m its MLP
+width, p its patch, W MoVE's common width, L queries, M ADT layers, Nh heads, Np points.
+"""
+from typing import Dict
+
+from omni_smola.models.configs import (PALI_VIT_TOWER, ClipVisionConfig, DinoV2Config,
+                                       MoVEConfig, PaliConfig, Pix2StructVisionConfig,
+                                       ViTConfig)
+
+
+def _layer_norm(d: int) -> int:
+  return 2 * d  # scale and bias
+
+
+def _biased_attention(d: int) -> int:
+  return 4 * (d * d + d)  # query, key, value, out; heads x head_dim = d
+
+
+def _biased_mlp(d: int, m: int) -> int:
+  return 2 * d * m + m + d
+
+
+def _patch_embedding(d: int, patch: int) -> int:
+  return patch * patch * 3 * d + d
+
+
+def siglip_vit(cfg: ViTConfig) -> int:
+  block = 2 * _layer_norm(cfg.width) + _biased_attention(cfg.width) + _biased_mlp(
+      cfg.width, cfg.mlp_dim)
+  return (_patch_embedding(cfg.width, cfg.patch_size) + cfg.num_patches * cfg.width
+          + cfg.depth * block + _layer_norm(cfg.width))
+
+
+def _class_token_vit(cfg, layer_scale: bool) -> int:
+  d = cfg.width
+  block = (2 * _layer_norm(d) + _biased_attention(d) + _biased_mlp(d, cfg.mlp_dim)
+           + (2 * d if layer_scale else 0))
+  return (_patch_embedding(d, cfg.patch_size) + d  # class token
+          + (1 + cfg.grid_size ** 2) * d + cfg.depth * block)
+
+
+def dinov2(cfg: DinoV2Config) -> int:
+  return (_class_token_vit(cfg, cfg.layer_scale) + cfg.num_register_tokens * cfg.width
+          + _layer_norm(cfg.width))  # final norm
+
+
+def clip_vision(cfg: ClipVisionConfig) -> int:
+  return _class_token_vit(cfg, False) + _layer_norm(cfg.width)  # the norm before the blocks
+
+
+def pix2struct(cfg: Pix2StructVisionConfig) -> int:
+  d, inner = cfg.width, cfg.num_heads * cfg.head_dim
+  layer = 2 * d + 4 * d * inner + 3 * d * cfg.mlp_dim  # RMSNorms, attention, gated MLP
+  return (cfg.patch_dim * d + d + 2 * cfg.num_positions * d + cfg.depth * layer + d)
+
+
+TOWERS = {ViTConfig: siglip_vit, DinoV2Config: dinov2, ClipVisionConfig: clip_vision,
+          Pix2StructVisionConfig: pix2struct}
+
+
+def deformable_cross_attention(d: int, heads: int, points: int) -> int:
+  value = d * d + d
+  offsets = d * heads * points * 2 + heads * points * 2
+  weights = d * heads * points + heads * points
+  out = d * d + d
+  return value + offsets + weights + out
+
+
+def adt(move: MoVEConfig, d: int) -> int:
+  cfg = move.adt
+  layer = (3 * _layer_norm(d) + _biased_attention(d)
+           + deformable_cross_attention(d, cfg.num_heads, cfg.num_points)
+           + _biased_mlp(d, cfg.mlp_ratio * d))
+  return (cfg.num_queries * d + 2 * cfg.num_queries  # query positions, reference points
+          + cfg.num_layers * layer + _layer_norm(d) + d * move.width + move.width)
+
+
+def average_pool(move: MoVEConfig, d: int) -> int:
+  return d * move.width + move.width  # the output projection alone
+
+
+TRANSFORMS = {"adt": adt, "average_pool": average_pool}
+
+
+def instruction_router(d_instruction: int, hidden: int, choices: int) -> int:
+  return d_instruction * hidden + hidden + hidden * choices + choices
+
+
+def bottleneck_mole(num_experts: int, bottleneck: int, hidden, d: int) -> int:
+  """One MoLE beside one FFN: K x (down, up, their biases, s) and, for K > 1, its router."""
+  experts = num_experts * (2 * d * bottleneck + bottleneck + d + 1)
+  router = instruction_router(d, hidden or d, num_experts) if num_experts > 1 else 0
+  return experts + router
+
+
+def tower_widths(config: PaliConfig) -> Dict[str, int]:
+  return {PALI_VIT_TOWER: config.vision.width,
+          **{name: tower.width for name, tower in config.vision_towers}}
+
+
+def mome_parts(config: PaliConfig) -> Dict[str, int]:
+  """{part: parameters} of a MoME PaLI's added parts; {} for a model without them.
+
+  Parts: `tower/<name>` (the PaLI ViT is `tower/img`), `move/transform_<name>`,
+  `move/tower_router`, and `mome_mole` (every FFN of the encoder and decoder).
+  """
+  parts: Dict[str, int] = {}
+  move = config.move
+  if move is not None:
+    towers = {PALI_VIT_TOWER: config.vision, **dict(config.vision_towers)}
+    widths = tower_widths(config)
+    for name in move.tower_names:
+      parts[f"tower/{name}"] = TOWERS[type(towers[name])](towers[name])
+      parts[f"move/transform_{name}"] = TRANSFORMS[move.transform](move, widths[name])
+    d_instruction = config.text.emb_dim
+    parts["move/tower_router"] = (instruction_router(
+        d_instruction, move.router_hidden_dim or d_instruction, len(move.tower_names))
+                                  if move.fusion == "router" else 0)
+  mole = config.text.mome_mole
+  if mole is not None:
+    layers = config.text.num_encoder_layers + config.text.num_decoder_layers
+    parts["mome_mole"] = layers * bottleneck_mole(
+        mole.num_experts, mole.bottleneck_dim, mole.router_hidden_dim, config.text.emb_dim)
+  return parts
