@@ -68,6 +68,10 @@ RUNS = (
      "Omni-SMoLA"),
 )
 LORA_RANK = "omni_smola.nn.adapter_spec.AdapterSpec.rank"
+# The matched-rank LoRA keeps alpha at the gin file's rank, so alpha / r shrinks as r grows
+# and every rank takes the step the gin file's learning rate was tuned for. At alpha = r
+# (a scale of one) rank 179 collapsed at rank 4's learning rate (README).
+LORA_ALPHA = "omni_smola.nn.adapter_spec.AdapterSpec.alpha"
 # What a finished evaluation of a run is kept under, to be reused by the next demo.
 EVAL_RECORD = "demo_eval.json"
 
@@ -79,10 +83,10 @@ def _configure(gin_files: Sequence[str], bindings: Dict[str, object]) -> None:
                       [launching.REPO_GIN_CONFIGS])
 
 
-def _run_bindings(name: str, lora_rank: int) -> Dict[str, object]:
+def _run_bindings(name: str, lora: Tuple[int, float]) -> Dict[str, object]:
   """What the flags change in every phase (the data config, the experts per group), and
-  the LoRA run's rank."""
-  bindings = {LORA_RANK: lora_rank} if name == "lora" else {}
+  the LoRA run's (rank, alpha)."""
+  bindings = {LORA_RANK: lora[0], LORA_ALPHA: lora[1]} if name == "lora" else {}
   if FLAGS.data_config == "tiny":
     bindings["MIXTURE_OR_TASK_NAME"] = "mini_generalist_tiny"
   if FLAGS.experts_per_group:
@@ -92,18 +96,23 @@ def _run_bindings(name: str, lora_rank: int) -> Dict[str, object]:
   return bindings
 
 
-def matched_lora_rank() -> int:
-  """The LoRA rank with the trainable parameters of the demo's Omni-SMoLA generalist."""
+def matched_lora() -> Tuple[int, float]:
+  """The LoRA rank with the trainable parameters of the demo's Omni-SMoLA generalist, and
+  the alpha that keeps the LoRA gin file's scale (alpha = its rank)."""
   placeholders = {"MODEL_DIR": "", "INITIAL_CHECKPOINT_PATH": ""}
-  _configure(["experiments/mini_generalist.gin"], {**placeholders, **_run_bindings("", 0)})
+  _configure(["experiments/mini_generalist.gin"],
+             {**placeholders, **_run_bindings("", (0, 0.0))})
   target = accounting.trainable_parameter_count(launching.evaluated_macro("MODEL"))
   _configure(["experiments/mini_generalist_lora.gin"], placeholders)
-  return accounting.matching_lora_rank(launching.evaluated_macro("MODEL"), target)
+  lora_model = launching.evaluated_macro("MODEL")
+  spec = lora_model.adapters.adapter  # the gin file's rank and alpha
+  rank = accounting.matching_lora_rank(lora_model, target)
+  return rank, float(spec.alpha if spec.alpha is not None else spec.rank)
 
 
 def _train(name: str, experiment: str, run_dir: str, steps: Optional[int],
-           lora_rank: int) -> None:
-  bindings = {"MODEL_DIR": os.path.join(run_dir, name), **_run_bindings(name, lora_rank)}
+           lora: Tuple[int, float]) -> None:
+  bindings = {"MODEL_DIR": os.path.join(run_dir, name), **_run_bindings(name, lora)}
   if name != "backbone":
     bindings["INITIAL_CHECKPOINT_PATH"] = os.path.join(run_dir, "backbone")
   if steps:
@@ -115,14 +124,14 @@ def _train(name: str, experiment: str, run_dir: str, steps: Optional[int],
 
 
 def _evaluate(name: str, adapters: str, run_dir: str,
-              lora_rank: int) -> Tuple[Dict[str, Dict[str, float]], int]:
+              lora: Tuple[int, float]) -> Tuple[Dict[str, Dict[str, float]], int]:
   """({task: {metric: value}}, examples per task) of the run's latest checkpoint.
 
   A second demo reads back an evaluation of the same checkpoint with the same settings.
   """
   output_dir = os.path.join(run_dir, name, "eval")
   bindings = {"CHECKPOINT_PATH": os.path.join(run_dir, name),
-              "EVAL_OUTPUT_DIR": output_dir, **_run_bindings(name, lora_rank)}
+              "EVAL_OUTPUT_DIR": output_dir, **_run_bindings(name, lora)}
   if FLAGS.eval_examples:
     bindings["EVAL_NUM_EXAMPLES"] = FLAGS.eval_examples
   step = checkpointing.step_of(checkpointing.resolve_checkpoint(bindings["CHECKPOINT_PATH"]))
@@ -164,19 +173,20 @@ def run_demo(run_dir: str) -> str:
   tasks.mini.prepare(FLAGS.data_config, data_dir=data_dir)
   logging.info("[demo] data: ready after %.0f s", time.time() - start)
 
-  lora_rank = matched_lora_rank()
-  logging.info("[demo] LoRA rank %d: the trainable parameters of the Omni-SMoLA generalist",
-               lora_rank)
+  lora = matched_lora()
+  lora_rank = lora[0]
+  logging.info("[demo] LoRA rank %d (alpha %g): the trainable parameters of the Omni-SMoLA "
+               "generalist", *lora)
   labels = {name: f"LoRA-{lora_rank}" if name == "lora" else label
             for name, _, _, label in RUNS}
   for name, experiment, _, _ in RUNS:
     steps = FLAGS.pretrain_steps if name == "backbone" else FLAGS.generalist_steps
     logging.info("[demo] training %s (%s) after %.0f s", name, experiment, time.time() - start)
-    _train(name, experiment, run_dir, steps, lora_rank)
+    _train(name, experiment, run_dir, steps, lora)
   results, examples = {}, set()
   for name, _, adapters, _ in RUNS:
     logging.info("[demo] evaluating %s after %.0f s", name, time.time() - start)
-    results[labels[name]], examples_per_task = _evaluate(name, adapters, run_dir, lora_rank)
+    results[labels[name]], examples_per_task = _evaluate(name, adapters, run_dir, lora)
     examples.add(examples_per_task)
 
   table = tables.format_table(results, list(labels.values()))
