@@ -159,6 +159,9 @@ def export_params(flat: Mapping[str, Any], config, plan: AdapterPlan, output_dir
   docstring for the files and the modes.
   """
   check_modes(plan, merge, peft, adapters)
+  if getattr(config, "move", None) is not None:  # its towers, MoVE and MoLE have no HF file
+    raise launching.FlagError("export: a MoME model (PaliConfig.move) is not supported: its "
+                              "vision towers, MoVE and MoLE would be left out of every file")
   staging.check_output_dir(os.path.abspath(output_dir), overwrite)
   has_vision = config.vision is not None
   # Everything below is per layer (HF and peft name layers one by one); a scanned model's
