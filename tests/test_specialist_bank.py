@@ -21,7 +21,7 @@ import train_common
 from omni_smola import eval as eval_lib
 from omni_smola import infer as infer_lib
 from omni_smola import launching
-from omni_smola.checkpoints import flatten, specialist_bank, unflatten
+from omni_smola.checkpoints import flatten, run_config, specialist_bank, unflatten
 from omni_smola.checkpoints.specialist_bank import SpecialistBankError
 from omni_smola.data import task_id
 from omni_smola.model import PaliModel
@@ -66,9 +66,23 @@ def _abstract(model):
   return nn.unbox(model_fixtures.param_shapes(model, _batch(model, TASKS * 2)))
 
 
-def _save(path, params):
+def _save(path, params, recorded=True, **spec):
+  """A specialist checkpoint, with its run's record (`_record`) unless not `recorded`."""
   ocp.PyTreeCheckpointer().save(str(path), {"params": params})
+  if recorded:
+    _record(path, **spec)
   return str(path)
+
+
+def _record(path, rank=SPECIALIST.rank, alpha=None):
+  """The run's config.gin as the trainer writes it (gin's operative config format)."""
+  path.joinpath(run_config.RUN_CONFIG_FILE).write_text(
+      f"SPECIALIST_ALPHA = {alpha!r}\n"
+      "MODEL/AdapterPlan.specialist_adapter = \\\n"
+      "    @specialist/omni_smola.nn.adapter_spec.AdapterSpec()\n"
+      "MODEL/specialist/AdapterSpec.alpha = %SPECIALIST_ALPHA\n"
+      "MODEL/specialist/AdapterSpec.kind = 'lora'\n"
+      f"MODEL/specialist/AdapterSpec.rank = {rank}\n")
 
 
 @pytest.fixture(scope="module")
@@ -208,6 +222,71 @@ def test_specialists_of_different_generalists_are_an_error_naming_both_and_the_p
   message = str(raised.value)
   assert table[TASKS[0]] in message and path in message and name in message
   assert "different generalists" in message
+
+
+def test_each_specialist_is_served_at_its_own_runs_alpha(models, runs, bank_target, compiled,
+                                                         tmp_path):
+  """A specialist trained at alpha 8 (scale 4) in a bank of scale 1: its rows compute what
+  its own model (a LoRA of alpha 8) computes, read from its run's config, not the bank's."""
+  params, table = runs
+  task = TASKS[1]
+  path = _save(tmp_path / "alpha8", params[task], alpha=8.0)
+  bank = specialist_bank.load_bank({**table, task: path}, bank_target, models[1].adapters)
+  own_model = PaliModel("tiny", AdapterPlan(adapter=GENERALIST, specialist_adapter=AdapterSpec(
+      kind="lora", rank=SPECIALIST.rank, alpha=8.0)))
+  order = (TASKS[0], task, task, TASKS[0])
+  mixed = _batch(models[1], order)
+  logits = np.asarray(compiled[1](bank, mixed))
+  own = np.asarray(jax.jit(own_model._logits)(params[task], _rows(mixed, [1, 2])))  # pylint: disable=protected-access
+  np.testing.assert_allclose(logits[[1, 2]], own, rtol=1e-5, atol=1e-5)
+  # The other row is untouched: its run recorded the bank's own scale.
+  site = "text/decoder/layers_0/mlp/wo/specialist_adapter/lora_b"
+  np.testing.assert_array_equal(np.asarray(flatten(bank)[site][0]),
+                                flatten(params[TASKS[0]])[site])
+
+
+def test_a_specialist_of_another_rank_or_without_a_record_is_an_error_naming_it(
+    models, runs, bank_target, bank_params, tmp_path):
+  params, table = runs
+  task = TASKS[1]
+  path = _save(tmp_path / "rank3", params[task], rank=3)
+  with pytest.raises(SpecialistBankError,
+                     match=rf"SPECIALISTS\['{task}'\] was trained at LoRA rank 3 .*rank3.*, "
+                           r"the bank serves rank 2 \(SPECIALIST_RANK\)"):
+    specialist_bank.load_bank({**table, task: path}, bank_target, models[1].adapters)
+  path = _save(tmp_path / "unrecorded", params[task], recorded=False)
+  with pytest.raises(SpecialistBankError,
+                     match=rf"SPECIALISTS\['{task}'\]: no config.gin beside checkpoint "
+                           r".*unrecorded .*bank's alpha/rank = 1"):
+    specialist_bank.load_bank({**table, task: path}, bank_target, models[1].adapters)
+  # Told to, it serves the unrecorded one at the bank's scale: what the recorded one gets.
+  told = specialist_bank.load_bank({**table, task: path}, bank_target, models[1].adapters,
+                                   unrecorded_scale="bank")
+  reference = flatten(bank_params)
+  for name, value in flatten(told).items():
+    np.testing.assert_array_equal(np.asarray(value), np.asarray(reference[name]))
+
+
+def test_the_run_record_is_read_from_the_trainers_operative_config(tmp_path):
+  """What `omni_smola.train` writes (gin's operative config of experiments/mini_specialist.gin)
+  gives back the specialist slot's spec, found from a step directory two levels down."""
+  gin.clear_config()
+  try:
+    launching.parse_gin(["experiments/mini_specialist.gin"], [
+        "MODEL_DIR = 'unused'", "INITIAL_CHECKPOINT_PATH = 'unused'",
+        "specialist/omni_smola.nn.adapter_spec.AdapterSpec.alpha = 8.0"],
+                        [launching.REPO_GIN_CONFIGS])
+    built = gin.query_parameter("%MODEL").scoped_configurable_fn().adapters
+    (tmp_path / run_config.RUN_CONFIG_FILE).write_text(gin.operative_config_str())
+  finally:
+    gin.clear_config()
+  step_dir = tmp_path / "checkpoints" / "300"
+  step_dir.mkdir(parents=True)
+  record, spec = run_config.recorded_spec(str(step_dir), "specialist_adapter")
+  assert record == str(tmp_path / run_config.RUN_CONFIG_FILE)
+  assert spec == built.specialist_adapter and (spec.kind, spec.rank, spec.alpha) == (
+      "lora", 4, 8.0)
+  assert run_config.recorded_spec(str(step_dir), "adapter")[1] == built.adapter
 
 
 def test_bad_tables_and_plans_are_errors_naming_them(models, runs, bank_target):

@@ -17,23 +17,35 @@ that slot (`nn/task_lora.py`) and fills it from the SPECIALISTS table, task -> c
 * Each specialist's `lora_a` [d, r] and `lora_b` [r, f] become row i of the bank's
   [n, d, r] and [n, r, f], per layer, so per-layer and scanned checkpoints and models mix.
 
+* Each specialist's LoRA scale, alpha / r, is read from its run's record (the operative
+  config the trainer writes beside the checkpoints, `checkpoints/run_config.py`), since the
+  arrays do not hold alpha. A rank other than the bank's (`SPECIALIST_RANK`) is an error
+  naming the task and both ranks; an alpha other than the bank's is applied: the row's
+  `lora_b` is multiplied by (its scale) / (the bank's scale), so every row computes its own
+  run's `(alpha / r) x A B`. A checkpoint with no record beside it is an error naming it,
+  unless `load_bank.unrecorded_scale = 'bank'` says to serve it at the bank's scale.
+
 Checkpoints are read one at a time and only their specialist parameters are kept besides
 the first one's generalist, so memory holds two checkpoints, not n. Nothing is written.
 """
 from typing import Any, Dict, Mapping, Tuple
 
+from absl import logging
 import gin
 import numpy as np
 
 from omni_smola import param_layout
-from omni_smola.checkpoints import restore
+from omni_smola.checkpoints import restore, run_config
 from omni_smola.checkpoints.restore import CheckpointMismatchError
 from omni_smola.checkpoints.tree import flatten
 from omni_smola.nn.adapter_plan import AdapterPlan
+from omni_smola.nn.adapter_spec import AdapterSpec
 from omni_smola.training import checkpointing
 
 SPECIALIST_SLOT = "specialist_adapter"
 BANK_KIND = "task_lora"
+SPECIALIST_KIND = "lora"  # what runs/specialist.gin trains in the slot
+UNRECORDED_SCALES = ("refuse", "bank")
 
 
 class SpecialistBankError(CheckpointMismatchError):
@@ -98,8 +110,57 @@ def _first_difference(reference: Mapping[str, np.ndarray], other: Mapping[str, n
   return "", ""
 
 
-def bank_arrays(specialists: Mapping[str, str]) -> Dict[str, np.ndarray]:
-  """`{path: array}` of the serving model: the shared generalist and the stacked bank."""
+def specialist_gain(task: str, source: str, bank: AdapterSpec,
+                    unrecorded_scale: str = "refuse") -> float:
+  """What row `task` of the bank multiplies its `lora_b` by: its own scale / the bank's.
+
+  Its own scale is its run's recorded `alpha / r` (`run_config.recorded_spec`). Raises
+  `SpecialistBankError`, naming the task, the checkpoint and both values, when the run
+  trained another kind or rank than the bank's, or when nothing records it (unless
+  `unrecorded_scale` is 'bank': then 1, the bank's own scale).
+  """
+  if unrecorded_scale not in UNRECORDED_SCALES:
+    raise SpecialistBankError(f"load_bank.unrecorded_scale={unrecorded_scale!r}; known: "
+                              f"{UNRECORDED_SCALES}")
+  try:
+    record, spec = run_config.recorded_spec(source, SPECIALIST_SLOT)
+  except run_config.RunConfigError as e:
+    raise SpecialistBankError(f"SPECIALISTS[{task!r}] ({source}): {e}") from None
+  if record is None:
+    if unrecorded_scale == "bank":
+      logging.warning("SPECIALISTS[%r] (%s) has no run config (%s) recording its LoRA alpha; "
+                      "served at the bank's scale %g (load_bank.unrecorded_scale = 'bank')",
+                      task, source, run_config.RUN_CONFIG_FILE, bank.scale)
+      return 1.0
+    raise SpecialistBankError(
+        f"SPECIALISTS[{task!r}]: no {run_config.RUN_CONFIG_FILE} beside checkpoint {source} "
+        f"(nor in its two parent directories) records the LoRA alpha it was trained with, "
+        f"and its arrays do not hold it; serving it at the bank's alpha/rank = {bank.scale:g} "
+        "could apply the wrong scale. Point SPECIALISTS at the run's MODEL_DIR (the trainer "
+        "writes config.gin there), or set omni_smola.checkpoints.specialist_bank.load_bank."
+        "unrecorded_scale = 'bank' if SPECIALIST_RANK and SPECIALIST_ALPHA are its run's")
+  if spec is None or spec.kind != SPECIALIST_KIND:
+    raise SpecialistBankError(
+        f"SPECIALISTS[{task!r}]: its run ({record}) trained AdapterPlan.{SPECIALIST_SLOT} = "
+        f"{spec.kind if spec else None!r}, not a {SPECIALIST_KIND!r} specialist")
+  if spec.rank != bank.rank:
+    raise SpecialistBankError(
+        f"SPECIALISTS[{task!r}] was trained at LoRA rank {spec.rank} ({record}), the bank "
+        f"serves rank {bank.rank} (SPECIALIST_RANK): a bank holds one rank")
+  if spec.scale != bank.scale:
+    logging.info("SPECIALISTS[%r]: its run's LoRA scale alpha/r = %g (alpha %s, rank %d, %s) "
+                 "differs from the bank's %g; its row is scaled to it", task, spec.scale,
+                 spec.alpha, spec.rank, record, bank.scale)
+  return spec.scale / bank.scale
+
+
+def bank_arrays(specialists: Mapping[str, str], bank: AdapterSpec,
+                unrecorded_scale: str = "refuse") -> Dict[str, np.ndarray]:
+  """`{path: array}` of the serving model: the shared generalist and the stacked bank.
+
+  `bank` is the serving model's `task_lora` spec: each row's `lora_b` is scaled so the
+  row computes its own run's alpha / r (`specialist_gain`).
+  """
   tasks = specialist_tasks(specialists)
   first = None  # (task, checkpoint, generalist arrays, specialist factor shapes)
   factors = {}  # path -> one array per task, in `tasks` order
@@ -111,6 +172,7 @@ def bank_arrays(specialists: Mapping[str, str]) -> Dict[str, np.ndarray]:
           f"SPECIALISTS[{task!r}]: checkpoint {source} has no {SPECIALIST_SLOT} "
           "parameters: it is not a specialist run (runs/specialist.gin) but, e.g., a "
           "generalist or a backbone")
+    gain = specialist_gain(task, source, bank, unrecorded_scale)  # before shapes: names ranks
     shared = {k: v for k, v in flat.items() if not _in_slot(k)}
     del flat
     if first is None:
@@ -133,22 +195,28 @@ def bank_arrays(specialists: Mapping[str, str]) -> Dict[str, np.ndarray]:
               f"vs {layout.get(name)} (shape, dtype); a bank needs one AdapterSpec (rank, "
               "sites) for every specialist")
     for name, value in own.items():
-      factors.setdefault(name, []).append(np.asarray(value))
-  bank = {name: np.stack(rows) for name, rows in factors.items()}  # [n, ...] per factor
-  return {**first[2], **bank}
+      value = np.asarray(value)
+      if gain != 1.0 and name.endswith("/lora_b"):  # (alpha_i / r) x A B = (bank scale) x A (g B)
+        value = (value * gain).astype(value.dtype)
+      factors.setdefault(name, []).append(value)
+  stacked = {name: np.stack(rows) for name, rows in factors.items()}  # [n, ...] per factor
+  return {**first[2], **stacked}
 
 
+@gin.configurable(module="omni_smola.checkpoints.specialist_bank", denylist=[
+    "specialists", "target", "plan"])
 def load_bank(specialists: Mapping[str, str], target: Mapping[str, Any],
-              plan: AdapterPlan) -> Any:
+              plan: AdapterPlan, unrecorded_scale: str = "refuse") -> Any:
   """`target` (the serving model's params, abstract with shardings or concrete) filled.
 
   `plan` is the serving model's; its specialist slot must be a `task_lora` bank of
   SPECIALISTS' tasks (`check_bank_plan`). Every parameter of the model must come from the
   checkpoints: a bank row or generalist parameter they lack is an error, not a fresh
-  initialisation.
+  initialisation. `unrecorded_scale`: 'refuse' (a specialist whose run config does not
+  record its alpha is an error) or 'bank' (serve it at the bank's scale, with a warning).
   """
   check_bank_plan(plan, specialists)
-  arrays = bank_arrays(specialists)
+  arrays = bank_arrays(specialists, getattr(plan, SPECIALIST_SLOT), unrecorded_scale)
   model_shapes = {name: tuple(np.shape(leaf))
                   for name, leaf in flatten(param_layout.unbox(target)).items()}
   try:
