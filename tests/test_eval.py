@@ -1,5 +1,7 @@
 """Evaluation: periodic during training, and the eval binary over every checkpoint."""
+import dataclasses
 import json
+import math
 import os
 import pathlib
 import sys
@@ -12,10 +14,19 @@ import train_common  # noqa: E402
 train_common.enable_compilation_cache()
 
 import gin  # noqa: E402
+from flax import linen as nn  # noqa: E402
+import numpy as np  # noqa: E402
+import seqio  # noqa: E402
 
+import model_fixtures  # noqa: E402
 from omni_smola import eval as eval_lib  # noqa: E402
 from omni_smola import launching  # noqa: E402
+from omni_smola.checkpoints import flatten, unflatten  # noqa: E402
 from omni_smola.evaluation import evaluator  # noqa: E402
+from omni_smola.model import PaliModel  # noqa: E402
+from omni_smola.models import configs  # noqa: E402
+from omni_smola.nn import AdapterPlan, AdapterSpec  # noqa: E402
+from omni_smola.training import data_iterator, partitioned_step, trainer  # noqa: E402
 
 TASKS = {f"mini_{name}_tiny" for name in (
     "shapes_caption", "shapes_count", "shapes_color_qa", "shapes_spatial_qa", "digits_qa",
@@ -83,3 +94,67 @@ def test_eval_rejects_a_missing_checkpoint_before_writing(data_dir, tmp_path):
     launching.exit_on_user_error(eval_lib.evaluate)
   gin.clear_config()
   assert not output_dir.exists()
+
+
+# --- mixed-task batches through a specialist bank ------------------------------------------
+
+BANK_TASKS = ("mini_photo_qa_tiny", "mini_shapes_count_tiny")  # sorted: the bank's rows
+BANK_MIXTURE = "test_eval_bank_tasks_tiny"
+PER_TASK, EVAL_BATCH = 5, 4  # 5 rows per task: every per-task batch list ends padded
+
+
+def _counting_batches(made):
+  """Counts the batches `made` (a ModelEvaluator) runs, in `made.batches_run`."""
+  made.batches_run = 0
+  batches = made._batches  # pylint: disable=protected-access
+
+  def counted(dataset):
+    for batch in batches(dataset):
+      made.batches_run += 1
+      yield batch
+  made._batches = counted  # pylint: disable=protected-access
+
+
+def _predictions(output_dir, task):
+  return (output_dir / "predictions" / f"{task}-000000.jsonl").read_text().splitlines()
+
+
+def test_mixed_task_batches_give_each_task_what_its_specialist_gives_alone(data_dir, tmp_path):
+  """A bank's eval over two tasks in shared batches: each task's metrics and predictions
+  file equal its evaluation in batches of its own, with only its specialist in the bank,
+  and the padding of the one partial batch reaches neither."""
+  data_iterator.check_registered(BANK_TASKS[0], "tasks")  # imports the mini tasks
+  seqio.set_tfds_data_dir_override(data_dir)
+  if BANK_MIXTURE not in seqio.MixtureRegistry.names():
+    seqio.MixtureRegistry.add(BANK_MIXTURE, list(BANK_TASKS), default_rate=1.0)
+  tiny = configs.CONFIGS["tiny"]
+  model = PaliModel(dataclasses.replace(tiny, text=dataclasses.replace(
+      tiny.text, vocab_size=1024)), AdapterPlan(  # the mini vocabulary: 1000 pieces
+          adapter=AdapterSpec(kind="lora", rank=2),
+          specialist_adapter=AdapterSpec(kind="task_lora", rank=2, tasks=BANK_TASKS)))
+  cfg = data_iterator.DatasetConfig(BANK_MIXTURE, {"inputs": 16, "targets": 16},
+                                    split="validation", batch_size=EVAL_BATCH, shuffle=False,
+                                    seed=42, module="tasks")
+  partitioner = partitioned_step.Partitioner()
+  abstract = partitioned_step.abstract_variables(model, trainer.input_shapes(model, cfg))
+  made = evaluator.ModelEvaluator(model, partitioner,
+                                  partitioner.variables_sharding(abstract)["params"], cfg,
+                                  str(tmp_path), num_examples=PER_TASK)
+  assert made.mix_tasks  # the documented default
+  _counting_batches(made)
+  flat = flatten(model_fixtures.random_like(nn.unbox(abstract["params"]), seed=3))
+  flat = {k: 3 * v if "/specialist_adapter/" in k else v for k, v in flat.items()}
+  results = made.evaluate(unflatten(flat), 0)
+  assert made.batches_run == math.ceil(len(BANK_TASKS) * PER_TASK / EVAL_BATCH)
+  mixed_lines = {task: _predictions(tmp_path, task) for task in BANK_TASKS}
+  made.mix_tasks = False  # each task in batches of its own, as seqio feeds them
+  for row, task in enumerate(BANK_TASKS):
+    # Every bank row holding this task's specialist: its own adapter, nothing mixed.
+    only = unflatten({k: np.repeat(v[row:row + 1], len(BANK_TASKS), axis=0)
+                      if "/specialist_adapter/" in k else v for k, v in flat.items()})
+    made.batches_run = 0
+    assert made.evaluate(only, 0)[task] == results[task]
+    assert made.batches_run == len(BANK_TASKS) * math.ceil(PER_TASK / EVAL_BATCH)
+    assert len(mixed_lines[task]) == PER_TASK and mixed_lines[task] == _predictions(
+        tmp_path, task)
+  assert not made.last_failures

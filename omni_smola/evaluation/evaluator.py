@@ -13,6 +13,11 @@ process writes. A task whose metrics raise is logged with its name and left out 
 that step's results (`ModelEvaluator.last_failures` says why); the other tasks are
 recorded as usual. Every process runs every batch (each contributes its rows of the
 global batch), so predictions come back whole on every host.
+
+With `mix_tasks` (the default) the tasks' examples share batches (`task_mixing.py`):
+only the evaluation's last batch is padded, not every task's, and each row is still
+the model's output for that example alone; `ModelEvaluator.mix_tasks = False` feeds each
+task as its own batches.
 """
 import json
 import os
@@ -28,7 +33,7 @@ import tensorflow_datasets as tfds
 
 from omni_smola import console
 from omni_smola.data import PaliFeatureConverter
-from omni_smola.evaluation import tables
+from omni_smola.evaluation import tables, task_mixing
 from omni_smola.training import partitioned_step
 
 METRICS_FILE = "metrics.json"
@@ -135,12 +140,17 @@ class ModelEvaluator:
     num_examples: evaluate at most this many examples per task (None: all).
     decoder_params: passed to `predict_batch_with_aux` (e.g. {'decoding': 'beam'}).
     writer: a clu metric writer for TensorBoard scalars (optional).
+    mix_tasks: fill each batch with examples of any task (a specialist bank serves
+      each row with its own task's specialist); False: one task per batch. The
+      predictions, metrics and files are the same either way.
   """
 
   def __init__(self, model, partitioner, params_sharding, dataset_cfg, output_dir: str,
                num_examples: Optional[int] = None,
-               decoder_params: Optional[Mapping[str, Any]] = None, writer=None):
+               decoder_params: Optional[Mapping[str, Any]] = None, writer=None,
+               mix_tasks: bool = True):
     self.model = model
+    self.mix_tasks = mix_tasks
     self.partitioner = partitioner
     self.dataset_cfg = dataset_cfg
     self.output_dir = output_dir
@@ -172,16 +182,20 @@ class ModelEvaluator:
     return [task.name for task in self.evaluator.eval_tasks]
 
   def _batches(self, dataset: tf.data.Dataset):
-    """(indices, this host's rows of the global batch, number of real rows)."""
+    """(keys, this host's rows of the global batch, number of real rows).
+
+    `dataset` yields (key, features); a key is an example's index, or a tuple of
+    them (`task_mixing.tagged_union`: (task row, index)).
+    """
     per_host = self.batch_size // jax.process_count()
     start = jax.process_index() * per_host
-    for indices, features in tfds.as_numpy(dataset.batch(self.batch_size)):
-      real = len(indices)
+    for keys, features in tfds.as_numpy(dataset.batch(self.batch_size)):
+      real = len(jax.tree_util.tree_leaves(keys)[0])
       if real < self.batch_size:  # pad the last batch: one compiled shape
         features = {k: np.concatenate([v, np.repeat(v[-1:], self.batch_size - real, 0)])
                     for k, v in features.items()}
       local = {k: v[start:start + per_host] for k, v in features.items()}
-      yield indices, local, real
+      yield keys, local, real
 
   def _predict(self, params, batch):
     tokens, aux = self.model.predict_batch_with_aux(params, batch,
@@ -193,28 +207,40 @@ class ModelEvaluator:
 
   def _run(self, name: str, fn, params, dataset) -> List[Tuple[int, Any]]:
     results = []
-    for indices, local, real in self._batches(dataset):
+    for keys, local, real in self._batches(dataset):
       batch = self.partitioner.global_batch(local, self.batch_size)
       if name not in self._jitted:
         self._jitted[name] = partitioned_step.jit_params_fn(
             self.partitioner, fn, self.params_sharding, self.partitioner.batch_sharding(local))
       outputs = jax.tree_util.tree_map(lambda x: np.asarray(x.addressable_data(0)),
                                        self._jitted[name](params, batch))
-      results.extend(zip(indices.tolist()[:real], _rows(outputs, real)))
+      results.extend(zip(_rows(keys, real), _rows(outputs, real)))  # padding rows dropped
     return results
+
+  def _outputs_fn(self, name: str, fn, params):
+    """dataset -> [(index, output)]: run alone, or read from the tasks' mixed batches."""
+    if not self.mix_tasks:
+      return lambda dataset: self._run(name, fn, params, dataset)
+    datasets = self.evaluator.cached_model_datasets
+    mixed = task_mixing.MixedOutputs(
+        lambda union: self._run(name, fn, params, union),
+        {task: datasets[task]
+         for task in task_mixing.tasks_needing(self.evaluator.eval_tasks, name)})
+    return mixed.for_dataset
 
   def evaluate(self, params, step: int) -> Dict[str, Dict[str, float]]:
     """{task: {metric: value}} of `params`, also written to disk (and TensorBoard)."""
+    predictions = self._outputs_fn("predict", self._predict, params)
+    scores = self._outputs_fn("score", self._score, params)
+
     def predict_fn(dataset, model_feature_shapes=None):
       # Fixed-length rows (seqio stacks them); its vocabulary's decode stops at EOS.
       del model_feature_shapes
-      return [(index, tokens.tolist())
-              for index, (tokens, _) in self._run("predict", self._predict, params, dataset)]
+      return [(index, tokens.tolist()) for index, (tokens, _) in predictions(dataset)]
 
     def score_fn(dataset, model_feature_shapes=None):
       del model_feature_shapes
-      return [(index, float(score))
-              for index, score in self._run("score", self._score, params, dataset)]
+      return [(index, float(score)) for index, score in scores(dataset)]
 
     self.evaluator.failures.clear()
     future, _ = self.evaluator.evaluate(compute_metrics=True, step=step,
@@ -253,6 +279,7 @@ class ModelEvaluator:
 
 
 def _rows(outputs, real: int):
+  """The first `real` rows of a batched array or tuple of arrays (a tuple per row)."""
   if isinstance(outputs, tuple):
     return list(zip(*[list(o[:real]) for o in outputs]))
   return list(outputs[:real])
