@@ -9,7 +9,9 @@ MODEL_DIR's `best/` (its best by average validation score), one step dir, or a
 backbone checkpoint in any format `load_pretrained` reads; with
 EVAL_ALL_CHECKPOINTS every checkpoint of the directory is evaluated. With
 runs/serve_specialists.gin, SPECIALISTS ({task: specialist run}) replaces it: one model
-serves every task with its own specialist. Writes
+serves every task with its own specialist. Examples of every task share batches
+(`ModelEvaluator.mix_tasks`, default True; `evaluation/task_mixing.py`), so only the
+last batch is padded and, under a bank, each row gathers its own task's specialist. Writes
 EVAL_OUTPUT_DIR/metrics.json ({step: {task: {metric: value}}}) and
 EVAL_OUTPUT_DIR/predictions/<task>-<step>.jsonl.
 """
