@@ -22,8 +22,9 @@ An image whose patch grid differs from the configured one gets its position
 embeddings resampled on the fly (`resample_position_embedding`, also used when
 importing a checkpoint trained at another resolution).
 """
+import functools
 import math
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import flax.linen as nn
 import jax
@@ -99,7 +100,14 @@ class PatchEmbedding(nn.Module):
 
 
 class MlpBlock(nn.Module):
+  """Dense_1(dropout(activation(Dense_0(x)))), with biases: every ViT tower's MLP.
+
+  SigLIP's activation is the tanh-approximated GELU; `vit_blocks` passes DINOv2's and
+  CLIP's. Dropout is the identity at rate 0 (and has no parameters).
+  """
   mlp_dim: int
+  activation: Callable[[jnp.ndarray], jnp.ndarray] = functools.partial(nn.gelu,
+                                                                       approximate=True)
   dropout_rate: float = 0.0
   deterministic: bool = True
   dtype: Any = jnp.float32
@@ -109,8 +117,7 @@ class MlpBlock(nn.Module):
     def dense(name, features, axes):
       return BiasedAdaptedDense(features=features, kernel_axes=axes, dtype=self.dtype,
                                 kernel_init=_XAVIER, name=name)
-    hidden = nn.gelu(dense("Dense_0", self.mlp_dim, ("embed", "mlp"))(x, context),
-                     approximate=True)
+    hidden = self.activation(dense("Dense_0", self.mlp_dim, ("embed", "mlp"))(x, context))
     hidden = nn.Dropout(self.dropout_rate)(hidden, deterministic=self.deterministic)
     hidden = constrain(hidden, ("batch", "length", "mlp"))
     return dense("Dense_1", x.shape[-1], ("mlp", "embed"))(hidden, context)

@@ -22,8 +22,8 @@ import jax.numpy as jnp
 
 from omni_smola.models import bicubic, layer_stack
 from omni_smola.models.attention import MultiHeadAttention
-from omni_smola.models.layers import BiasedAdaptedDense, constrain
-from omni_smola.models.vit import PatchEmbedding
+from omni_smola.models.layers import constrain
+from omni_smola.models.vit import MlpBlock, PatchEmbedding
 from omni_smola.nn import TokenContext
 
 ACTIVATIONS = {
@@ -31,7 +31,6 @@ ACTIVATIONS = {
     "gelu_tanh": functools.partial(nn.gelu, approximate=True),
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),  # OpenAI CLIP
 }
-_XAVIER = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")
 
 
 def layer_norm(name: str, epsilon: float, dtype):
@@ -88,23 +87,6 @@ class LayerScale(nn.Module):
     return x * jnp.asarray(scale, x.dtype)
 
 
-class MlpBlock(nn.Module):
-  """Dense_1(act(Dense_0(x))), with biases."""
-  mlp_dim: int
-  activation: str
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, context):
-    def dense(name, features, axes):
-      return BiasedAdaptedDense(features=features, kernel_axes=axes, dtype=self.dtype,
-                                kernel_init=_XAVIER, name=name)
-    hidden = ACTIVATIONS[self.activation](dense("Dense_0", self.mlp_dim, ("embed", "mlp"))(
-        x, context))
-    hidden = constrain(hidden, ("batch", "length", "mlp"))
-    return dense("Dense_1", x.shape[-1], ("mlp", "embed"))(hidden, context)
-
-
 class PreNormBlock(nn.Module):
   """x + ls_0(attn(LN_0(x))), then x + ls_1(mlp(LN_1(x))); ls the identity without layer_scale."""
   num_heads: int
@@ -125,7 +107,8 @@ class PreNormBlock(nn.Module):
                                y, y, context, context)
     x = constrain(x + scale("LayerScale_0")(y))
     y = layer_norm("LayerNorm_1", self.layer_norm_eps, self.dtype)(x)
-    y = MlpBlock(self.mlp_dim, self.activation, self.dtype, name="MlpBlock_0")(y, context)
+    y = MlpBlock(self.mlp_dim, ACTIVATIONS[self.activation], dtype=self.dtype,
+                 name="MlpBlock_0")(y, context)
     return constrain(x + scale("LayerScale_1")(y))
 
 

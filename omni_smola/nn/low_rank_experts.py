@@ -12,12 +12,9 @@ build a `[tokens, d, f]` weight or a `[tokens, e, f]` output:
   around them; only these small slot arrays, never the token activations, get
   rearranged for the per-expert contractions.
 """
-from typing import Any
-
-import flax.linen as nn
 import jax.numpy as jnp
 
-from omni_smola.nn import initializers
+from omni_smola.nn.low_rank import LowRankAdapter
 from omni_smola.nn.products import product
 
 
@@ -37,27 +34,13 @@ def mix_down_projected(hidden, up, gates):
   return product("btk,kf->btf", hidden.reshape(gates.shape[:2] + (-1,)), up)
 
 
-class LowRankExperts(nn.Module):
+class LowRankExperts(LowRankAdapter):
   num_experts: int
   rank: int
-  in_features: int
-  out_features: int
-  in_axis: str = "embed"
-  out_axis: str = "mlp"
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
 
   def setup(self):
-    self.expert_a = self.param(
-        "expert_a",
-        nn.with_logical_partitioning(initializers.down_projection,
-                                     ("expert", self.in_axis, "lora_rank")),
-        (self.num_experts, self.in_features, self.rank), self.param_dtype)
-    self.expert_b = self.param(
-        "expert_b",
-        nn.with_logical_partitioning(initializers.up_projection,
-                                     ("expert", "lora_rank", self.out_axis)),
-        (self.num_experts, self.rank, self.out_features), self.param_dtype)
+    self.expert_a, self.expert_b = self.factors(
+        ("expert_a", "expert_b"), self.rank, stacked=((self.num_experts, "expert"),))
 
   def stacked_down(self):
     """All experts' A side by side: [d, e * r]."""

@@ -19,14 +19,13 @@ Routing is per example on `instance_routing.instance_features` (the prompt side
 in a causal decoder). Cost: 2 t d r + 2 t r f per token, as LoRA, plus routing.
 Letters: b batch, t token, k pool index, j selected rank index, d, f widths.
 """
-from typing import Any
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from omni_smola.nn import initializers, routing_stats
+from omni_smola.nn import routing_stats
 from omni_smola.nn.instance_routing import instance_features
+from omni_smola.nn.low_rank import LowRankAdapter
 from omni_smola.nn.token_context import TokenContext
 
 
@@ -39,16 +38,10 @@ def select_factors(logits, rank):
   return top_index, weights, multi_hot
 
 
-class MixLoRA(nn.Module):
+class MixLoRA(LowRankAdapter):
   num_factors: int
   rank: int
   scale: float
-  in_features: int
-  out_features: int
-  in_axis: str = "embed"
-  out_axis: str = "mlp"
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
 
   def _router(self, name, shape_in):
     return nn.DenseGeneral(
@@ -60,12 +53,9 @@ class MixLoRA(nn.Module):
 
   @nn.compact
   def __call__(self, x, context: TokenContext):
-    factors_a = self.param("factors_a", nn.with_logical_partitioning(
-        initializers.down_projection, ("expert", self.in_axis)),
-                           (self.num_factors, self.in_features), self.param_dtype)
-    factors_b = self.param("factors_b", nn.with_logical_partitioning(
-        initializers.up_projection, ("expert", self.out_axis)),
-                           (self.num_factors, self.out_features), self.param_dtype)
+    # Pools of rank-1 factors, a_k [d] and b_k [f]: no rank axis.
+    factors_a, factors_b = self.factors(("factors_a", "factors_b"), None,
+                                        stacked=((self.num_factors, "expert"),))
     features = instance_features(x, context, where="mixlora")  # [b, d_ctx]
     index_a, weights_a, selection_a = select_factors(
         self._router("router_a", "embed")(features), self.rank)

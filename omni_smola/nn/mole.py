@@ -7,14 +7,13 @@ these models use, computing all of them and multiplying by sparse gates is
 faster on TPU than gathering per-token expert weights (which would build a
 `[tokens, d, r]` tensor); the FLOPs are those of `num_experts` experts.
 """
-from typing import Any
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from omni_smola.nn import routing_stats
 from omni_smola.nn.instance_routing import instance_features
+from omni_smola.nn.low_rank import LowRankAdapter
 from omni_smola.nn.low_rank_experts import LowRankExperts
 from omni_smola.nn.token_context import TokenContext
 
@@ -28,18 +27,12 @@ def top_k_gates(logits, k):
   return sum(top_weights[..., i, None] * one_hot[..., i, :] for i in range(k))
 
 
-class MoLE(nn.Module):
+class MoLE(LowRankAdapter):
   num_experts: int
   top_k: int
   rank: int
   scale: float
-  in_features: int
-  out_features: int
   level: str = "token"
-  in_axis: str = "embed"
-  out_axis: str = "mlp"
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, context: TokenContext):
@@ -59,10 +52,8 @@ class MoLE(nn.Module):
     if self.level == "instance":
       gates = jnp.broadcast_to(gates[:, None, :], (batch, length, self.num_experts))
     gates = gates * valid[..., None]
-    experts = LowRankExperts(
-        self.num_experts, self.rank, self.in_features, self.out_features,
-        in_axis=self.in_axis, out_axis=self.out_axis, dtype=self.dtype,
-        param_dtype=self.param_dtype, name="experts")
+    experts = LowRankExperts(self.num_experts, self.rank, **self.projection_fields(),
+                             name="experts")
     if routing_stats.wants_stats(self):
       routing_stats.sow_expert_weights(self, gates, valid)
     return experts.mix_per_token(x, gates * self.scale)  # scale rides on the gates

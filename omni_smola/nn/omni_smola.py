@@ -29,7 +29,7 @@ Slot arrays are batch-major (`[b, s, d]`), so dispatch and combine are plain
 batched matmuls over the examples with no transposes of the activations.
 """
 import dataclasses
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import flax.linen as nn
 import gin
@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 
 from omni_smola.nn.adapter_spec import AdapterSpec
+from omni_smola.nn.low_rank import LowRankAdapter
 from omni_smola.nn.low_rank_experts import mix_down_projected
 from omni_smola.nn.products import joint_product, product
 from omni_smola.nn.smola import SMoLAGroup, masked_softmax_over_tokens
@@ -93,18 +94,12 @@ def plan_segments(context: TokenContext, length: int, enabled: Tuple[str, ...]):
   return segments, False
 
 
-class OmniSMoLA(nn.Module):
+class OmniSMoLA(LowRankAdapter):
   experts_per_group: Mapping[str, int]
   slots_per_expert: int
   rank: int
   scale: float
-  in_features: int
-  out_features: int
   routing: str = "sequence"
-  in_axis: str = "embed"
-  out_axis: str = "mlp"
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, context: TokenContext, kernel: Optional[jnp.ndarray] = None,
@@ -115,9 +110,7 @@ class OmniSMoLA(nn.Module):
     segments, masked = plan_segments(context, length, enabled)
     used = tuple(g for g in enabled if any(g in s.groups for s in segments))
     blocks = {g: SMoLAGroup(self.experts_per_group[g], self.slots_per_expert, self.rank,
-                            self.in_features, self.out_features, in_axis=self.in_axis,
-                            out_axis=self.out_axis, dtype=self.dtype,
-                            param_dtype=self.param_dtype, name=g) for g in used}
+                            **self.projection_fields(), name=g) for g in used}
     if self.is_initializing():
       for block in blocks.values():
         block(x[:, :1])

@@ -17,13 +17,11 @@ of low-rank experts (`LowRankExperts`). It acts on one token group:
 The arithmetic lives in `omni_smola.py`, which evaluates all blocks that act on
 the same tokens together (one router matmul, one dispatch, one combine).
 """
-from typing import Any
-
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from omni_smola.nn import routing_stats
+from omni_smola.nn.low_rank import LowRankAdapter
 from omni_smola.nn.low_rank_experts import LowRankExperts
 from omni_smola.nn.soft_router import SoftRouter
 
@@ -39,25 +37,16 @@ def masked_softmax_over_tokens(logits, token_mask):
   return jax.nn.softmax(logits, axis=1) * mask
 
 
-class SMoLAGroup(nn.Module):
+class SMoLAGroup(LowRankAdapter):
   """The parameters of one SMoLA block, and its routing statistics."""
   num_experts: int
   slots_per_expert: int
   rank: int
-  in_features: int
-  out_features: int
-  in_axis: str = "embed"
-  out_axis: str = "mlp"
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
 
   def setup(self):
     self.router = SoftRouter(self.num_experts, self.slots_per_expert, self.in_features,
                              in_axis=self.in_axis)
-    self.experts = LowRankExperts(
-        self.num_experts, self.rank, self.in_features, self.out_features,
-        in_axis=self.in_axis, out_axis=self.out_axis, dtype=self.dtype,
-        param_dtype=self.param_dtype)
+    self.experts = LowRankExperts(self.num_experts, self.rank, **self.projection_fields())
 
   @property
   def num_slots(self):

@@ -16,38 +16,27 @@ An example whose task id is not in the bank gets no residual: it is served by th
 generalist alone. The binaries refuse such a task before they run (`infer`, `eval`), so the
 case only arises from Python; in a jitted step there is nothing better to do with it.
 """
-from typing import Any, Tuple
+from typing import Tuple
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 from omni_smola.task_id import task_id  # not omni_smola.data: no TensorFlow here
-from omni_smola.nn import initializers
+from omni_smola.nn.low_rank import LowRankAdapter
 from omni_smola.nn.products import product
 
 
-class TaskLoRA(nn.Module):
+class TaskLoRA(LowRankAdapter):
   """LoRA specialists stacked over `tasks`; the context's `task_ids` pick one per example."""
   tasks: Tuple[str, ...]
   rank: int
   scale: float
-  in_features: int
-  out_features: int
-  in_axis: str = "embed"
-  out_axis: str = "mlp"
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, context):
     """x: [b, t, d] -> [b, t, f]."""
-    num_tasks = len(self.tasks)
-    a = self.param("lora_a", nn.with_logical_partitioning(
-        initializers.down_projection, ("specialists", self.in_axis, "lora_rank")),
-                   (num_tasks, self.in_features, self.rank), self.param_dtype)
-    b = self.param("lora_b", nn.with_logical_partitioning(
-        initializers.up_projection, ("specialists", "lora_rank", self.out_axis)),
-                   (num_tasks, self.rank, self.out_features), self.param_dtype)
+    a, b = self.factors(("lora_a", "lora_b"), self.rank,
+                        stacked=((len(self.tasks), "specialists"),))
     if context is None or context.task_ids is None:
       raise ValueError(
           f"{'/'.join(self.scope.path)}: a task_lora bank needs each example's task id "

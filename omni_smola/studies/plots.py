@@ -23,6 +23,16 @@ def _headline(arm: Mapping[str, Any]) -> Optional[Mapping[str, float]]:
   return arm["delta"] or arm["mean_score"]
 
 
+def _save(fig, ax, title: str, directory: str, file_name: str) -> str:
+  """Titles a figure of seed statistics, writes it to `directory/file_name`, frees it."""
+  ax.set_title(f"{title} (mean ± std over seeds)", fontsize=9)
+  fig.tight_layout()
+  path = os.path.join(directory, file_name)
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
+
+
 def expert_scaling(summary: Mapping[str, Any], directory: str) -> Optional[str]:
   points = [(experts, _headline(summary["arms"][name]))
             for name, experts in summary["scaling_arms"].items()
@@ -40,12 +50,7 @@ def expert_scaling(summary: Mapping[str, Any], directory: str) -> Optional[str]:
   with_reference = any(summary["arms"][n]["delta"] for n in summary["scaling_arms"]
                        if n in summary["arms"])
   ax.set_ylabel("δ to specialists" if with_reference else "mean score")
-  ax.set_title(f"{summary['study']}: expert count (mean ± std over seeds)", fontsize=9)
-  fig.tight_layout()
-  path = os.path.join(directory, "expert_scaling.png")
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return path
+  return _save(fig, ax, f"{summary['study']}: expert count", directory, "expert_scaling.png")
 
 
 def per_task(summary: Mapping[str, Any], directory: str) -> Optional[str]:
@@ -66,12 +71,7 @@ def per_task(summary: Mapping[str, Any], directory: str) -> Optional[str]:
                      rotation=30, ha="right", fontsize=7)
   ax.set_ylabel("score")
   ax.legend(fontsize=6, ncol=2)
-  ax.set_title(f"{summary['study']}: per task (mean ± std over seeds)", fontsize=9)
-  fig.tight_layout()
-  path = os.path.join(directory, "per_task.png")
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return path
+  return _save(fig, ax, f"{summary['study']}: per task", directory, "per_task.png")
 
 
 def best_routed_arm(summary: Mapping[str, Any], per_task_arms) -> Optional[str]:
