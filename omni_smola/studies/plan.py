@@ -90,6 +90,10 @@ def _check_arms(study: Study) -> Dict[str, Arm]:
   for name in study.scaling_arms:
     if name not in arms:
       raise StudyConfigError(f"Study.scaling_arms names no arm: {name!r}")
+  for claim, pair in study.comparisons.items():
+    if len(pair) != 2 or any(name not in arms for name in pair):
+      raise StudyConfigError(f"Study.comparisons[{claim!r}] must be two arm names (A above "
+                             f"B), got {pair!r}; the arms are {sorted(arms)}")
   return arms
 
 

@@ -62,6 +62,39 @@ def _delta(seeds: Mapping[int, Dict[str, Any]], reference: Mapping[int, Dict[str
   return dict(_mean_std(list(per_seed.values())), per_seed=per_seed) if per_seed else None
 
 
+def _seed_means(seeds: Mapping[int, Dict[str, Any]], tasks: Sequence[str]) -> Dict[int, float]:
+  """{seed: the mean over tasks of its scores} for the seeds that finished every task."""
+  return {seed: float(np.mean([v["scores"][t] for t in tasks])) for seed, v in seeds.items()
+          if v["status"] == "done" and all(t in v["scores"] for t in tasks)}
+
+
+def _comparison(a: Mapping[int, float], b: Mapping[int, float]) -> Optional[Dict[str, Any]]:
+  """A minus B per seed, its mean ± std, and the verdict on "A above B".
+
+  Seeds pair by number; an arm with a single seed (a shared backbone) pairs with every seed
+  of the other, so the spread is then the other arm's alone. The claim holds when the mean
+  difference exceeds its std, is reversed below minus its std, and is otherwise within
+  the spread; with one pair there is no spread and no verdict.
+  """
+  if len(a) == 1 and len(b) > 1:
+    a = {seed: next(iter(a.values())) for seed in b}
+  elif len(b) == 1 and len(a) > 1:
+    b = {seed: next(iter(b.values())) for seed in a}
+  per_seed = {seed: a[seed] - b[seed] for seed in sorted(set(a) & set(b))}
+  if not per_seed:
+    return None
+  stats = _mean_std(list(per_seed.values()))
+  if stats["n"] < 2:
+    verdict = "one seed: no spread"
+  elif stats["mean"] > stats["std"]:
+    verdict = "holds"
+  elif stats["mean"] < -stats["std"]:
+    verdict = "reversed"
+  else:
+    verdict = "within the spread"
+  return dict(stats, per_seed=per_seed, verdict=verdict)
+
+
 def summarize(study: Study, runs: Sequence[Run], study_dir: str, tasks: Sequence[str],
               accounts: Mapping[str, Any], quick: bool) -> Dict[str, Any]:
   """The results of every reported arm (and the reference), JSON-serialisable."""
@@ -94,9 +127,14 @@ def summarize(study: Study, runs: Sequence[Run], study_dir: str, tasks: Sequence
         "delta": _delta(seeds, reference, tasks) if reference is not None else None,
         **accounts.get(arm.name, {}),
     }
+  comparisons = {}
+  for claim, (better, other) in study.comparisons.items():
+    comparisons[claim] = {"arms": [better, other], **(_comparison(
+        _seed_means(seeds_by_arm[better], tasks), _seed_means(seeds_by_arm[other], tasks))
+        or {"verdict": "not run"})}
   return {"study": study.name, "quick": quick, "mixture": study.mixture, "tasks": list(tasks),
           "metrics": metric_names, "reference_arm": study.reference_arm,
-          "scaling_arms": dict(study.scaling_arms), "arms": arms}
+          "scaling_arms": dict(study.scaling_arms), "arms": arms, "comparisons": comparisons}
 
 
 def _cell(stats: Optional[Mapping[str, float]], signed: bool = False) -> str:
@@ -134,7 +172,23 @@ def markdown(summary: Mapping[str, Any]) -> str:
   for arm in summary["arms"].values():
     for value in arm["seeds"].values():
       notes.extend(f"- {error.splitlines()[0][:300]}" for error in value["errors"])
-  return "\n".join(lines + notes) + "\n"
+  return "\n".join(lines + notes + _comparison_lines(summary.get("comparisons", {}))) + "\n"
+
+
+def _comparison_lines(comparisons: Mapping[str, Any]) -> List[str]:
+  """The claims table: A's mean score minus B's, per seed and mean ± std, and the verdict."""
+  if not comparisons:
+    return []
+  lines = ["", "| claim (A above B) | A | B | A - B per seed | mean ± std | verdict |",
+           "|---|---|---|---|---:|---|"]
+  for claim, c in comparisons.items():
+    per_seed = ", ".join(f"{d:+.2f}" for d in c.get("per_seed", {}).values()) or "-"
+    lines.append(f"| {claim} | {c['arms'][0]} | {c['arms'][1]} | {per_seed} | "
+                 f"{_cell(c if 'mean' in c else None, signed=True)} | {c['verdict']} |")
+  lines.append("\nA - B: the difference of the arms' mean scores over tasks, paired by seed "
+               "(a one-seed arm pairs with every seed of the other); it holds when the mean "
+               "exceeds its std.")
+  return lines
 
 
 def write(summary: Mapping[str, Any], study_dir: str) -> List[str]:

@@ -70,6 +70,10 @@ class Study:
     reference_arm: the per-task specialists that delta is measured against (the paper's
       Table 3); None: no delta column.
     scaling_arms: {arm: experts per group} drawn as the expert-count curve (Fig. 2).
+    comparisons: {claim: (arm A, arm B)}: each claim says A scores above B. results.md
+      gives A's mean score minus B's per seed (paired by seed; an arm with one seed, a
+      shared backbone, is paired with every seed of the other), its mean ± std, and whether
+      the claim holds beyond that spread.
     routing_batches: batches per task of the routing analysis of the best routed arm.
     quick_bindings: `--quick`: bindings every arm gets last (few steps, small evaluations).
     quick_name_suffix: `--quick`: appended to every mixture and task name (the mini
@@ -83,6 +87,7 @@ class Study:
   bindings: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   reference_arm: Optional[str] = None
   scaling_arms: Mapping[str, int] = dataclasses.field(default_factory=dict)
+  comparisons: Mapping[str, Sequence[str]] = dataclasses.field(default_factory=dict)
   routing_batches: int = 2
   quick_bindings: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   quick_name_suffix: str = ""
