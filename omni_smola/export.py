@@ -20,6 +20,15 @@ runs/specialist.gin's slot for a specialist) and writes EXPORT_DIR:
                              merged), in our layout (`checkpoints/adapter_export.py`)
   export.json                what was merged, kept and exported
 
+A checkpoint's arrays do not hold the adapters' `alpha` (the residual's scale is
+alpha / r), and every mode writes it: into the merged kernels, peft's `lora_alpha`,
+adapters/<slot>.json. So each adapter slot takes the alpha its run trained with, from
+the run's record (MODEL_DIR/config.gin, `checkpoints/run_config.py`), as a specialist
+bank does; gin's spec may leave alpha unset (None), and a gin alpha, rank or kind the
+record contradicts is an error naming both values and the file (`recorded_plan`).
+A checkpoint with no record is an error naming it, unless
+`omni_smola.export.export.unrecorded_scale = 'gin'` says to trust gin's alpha.
+
 `--merge` folds every LoRA slot into the kernels (`checkpoints/merge.py`); SMoLA,
 Omni-SMoLA, MixLoRA and MoLE slots depend on the input and are kept (a log line names
 each), so text/ and vision/ then hold the backbone with the LoRA merged and without
@@ -42,6 +51,7 @@ if __name__ == "__main__":
 
 import json
 import os
+import dataclasses
 from typing import Any, Dict, Mapping
 
 from absl import flags
@@ -51,7 +61,8 @@ import numpy as np
 
 from omni_smola import launching
 from omni_smola import param_layout
-from omni_smola.checkpoints import adapter_export, hf_export, peft_export, restore, staging
+from omni_smola.checkpoints import (adapter_export, hf_export, peft_export, restore,
+                                    run_config, staging)
 from omni_smola.checkpoints.merge import MERGEABLE_KINDS, merge_lora
 from omni_smola.checkpoints.tree import Flat, flatten, unflatten
 from omni_smola.nn.adapter_plan import AdapterPlan
@@ -67,6 +78,7 @@ FLAGS = flags.FLAGS
 MERGED_SUBDIR = "merged"
 ADAPTERS_SUBDIR = "adapters"
 RECORD_NAME = "export.json"
+UNRECORDED_SCALES = ("refuse", "gin")  # as specialist_bank.UNRECORDED_SCALES: refuse, or trust
 
 
 def _residual_slots(plan: AdapterPlan) -> Dict[str, str]:
@@ -108,6 +120,68 @@ def _check_slots_present(path: str, loaded: Flat, plan: AdapterPlan) -> None:
           f"{path} has no parameters of adapter slot {slot!r} (the model's plan puts a "
           f"{kind} adapter there, AdapterPlan.{slot}); was it trained with another adapter "
           "config?")
+
+
+def _recorded_slot(slot: str, spec, checkpoint_path: str):
+  """`spec` (gin's, for `slot`) with the alpha its run recorded; see `recorded_plan`."""
+  try:
+    record, recorded = run_config.recorded_spec(checkpoint_path, slot)
+  except run_config.RunConfigError as e:
+    raise restore.CheckpointMismatchError(f"checkpoint {checkpoint_path}: {e}") from None
+  if record is None:
+    return None
+  if recorded is None or not recorded.adds_residual:
+    raise restore.CheckpointMismatchError(
+        f"{record}: the run of checkpoint {checkpoint_path} had no adapter in slot {slot!r}, "
+        f"where the model's plan puts a {spec.kind} adapter (AdapterPlan.{slot})")
+  for field in ("kind", "rank"):
+    if getattr(spec, field) != getattr(recorded, field):
+      raise restore.CheckpointMismatchError(
+          f"AdapterPlan.{slot}: gin's AdapterSpec.{field} = {getattr(spec, field)!r}, but "
+          f"{record} records {field} = {getattr(recorded, field)!r} for the run of "
+          f"checkpoint {checkpoint_path}")
+  if spec.alpha is not None and spec.scale != recorded.scale:
+    raise restore.CheckpointMismatchError(
+        f"AdapterPlan.{slot}: gin's AdapterSpec.alpha = {spec.alpha!r} (alpha/r = "
+        f"{spec.scale:g}), but {record} records alpha = {recorded.alpha!r} (alpha/r = "
+        f"{recorded.scale:g}) for the run of checkpoint {checkpoint_path}; leave alpha unset "
+        "(None) to take the record's, or set it to the record's")
+  logging.info("AdapterPlan.%s: alpha %r (alpha/r = %g), as its run recorded in %s", slot,
+               recorded.alpha, recorded.scale, record)
+  return dataclasses.replace(spec, alpha=recorded.alpha)
+
+
+def recorded_plan(plan: AdapterPlan, checkpoint_path: str,
+                  unrecorded_scale: str = "refuse") -> AdapterPlan:
+  """`plan` (gin's) with every adapter slot's alpha the one the checkpoint's run trained with.
+
+  The run's record is its MODEL_DIR/config.gin (`run_config.recorded_spec`). A slot whose
+  gin spec has another kind or rank than the record, or an alpha (not None) whose alpha/r
+  differs from the record's, is a `CheckpointMismatchError` naming both values and the
+  file. With no record: a `CheckpointMismatchError` naming the checkpoint, unless
+  `unrecorded_scale` is 'gin' (then gin's specs, with a warning), as a specialist bank's
+  `load_bank.unrecorded_scale`.
+  """
+  if unrecorded_scale not in UNRECORDED_SCALES:
+    raise launching.GinConfigError(f"omni_smola.export.export.unrecorded_scale="
+                                   f"{unrecorded_scale!r}; known: {UNRECORDED_SCALES}")
+  slots = {slot: spec for slot, spec in plan.items() if spec.adds_residual}
+  specs = {slot: _recorded_slot(slot, spec, checkpoint_path) for slot, spec in slots.items()}
+  if all(spec is not None for spec in specs.values()):
+    return dataclasses.replace(plan, **specs)
+  if unrecorded_scale == "gin":
+    logging.warning("no %s beside checkpoint %s records its adapters' alpha; exporting at "
+                    "gin's (%s; omni_smola.export.export.unrecorded_scale = 'gin')",
+                    run_config.RUN_CONFIG_FILE, checkpoint_path,
+                    ", ".join(f"{slot}: alpha {spec.alpha!r}" for slot, spec in slots.items()))
+    return plan
+  raise restore.CheckpointMismatchError(
+      f"no {run_config.RUN_CONFIG_FILE} beside checkpoint {checkpoint_path} (nor in its two "
+      f"parent directories) records the alpha its adapters ({_describe(_residual_slots(plan))})"
+      " were trained with, and its arrays do not hold it; exporting at gin's could apply the "
+      "wrong scale. Point CHECKPOINT_PATH at the run's MODEL_DIR (the trainer writes "
+      "config.gin there), or set omni_smola.export.export.unrecorded_scale = 'gin' if gin's "
+      "AdapterSpec alpha is the run's")
 
 
 def restore_flat(model, checkpoint_path: str) -> Flat:
@@ -212,16 +286,21 @@ def export_params(flat: Mapping[str, Any], config, plan: AdapterPlan, output_dir
 
 @gin.configurable(module="omni_smola.export")
 def export(*, model, checkpoint_path: str, output_dir: str, merge: bool = False,
-           peft: bool = False, adapters: bool = False, overwrite: bool = False
-           ) -> Dict[str, Any]:
-  """Restores `checkpoint_path` into `model` and exports it (see the module docstring)."""
+           peft: bool = False, adapters: bool = False, overwrite: bool = False,
+           unrecorded_scale: str = "refuse") -> Dict[str, Any]:
+  """Restores `checkpoint_path` into `model` and exports it (see the module docstring).
+
+  Each adapter is exported at the alpha its run recorded (`recorded_plan`, which says
+  what `unrecorded_scale` does).
+  """
   if not output_dir:
     raise launching.FlagError("EXPORT_DIR is not set")
-  # Bad flags and an occupied output stop before the checkpoint is read.
+  # Bad flags, an occupied output and a contradicted record stop before the checkpoint is read.
   check_modes(model.adapters, merge, peft, adapters)
   staging.check_output_dir(os.path.abspath(output_dir), overwrite)
-  flat = restore_flat(model, checkpoint_path)
-  return export_params(flat, model.config, model.adapters, output_dir, merge=merge,
+  plan = recorded_plan(model.adapters, checkpoint_path, unrecorded_scale)
+  flat = restore_flat(model, checkpoint_path)  # alpha changes no shape: gin's model restores
+  return export_params(flat, model.config, plan, output_dir, merge=merge,
                        peft=peft, adapters=adapters, overwrite=overwrite,
                        source=checkpoint_path)
 
