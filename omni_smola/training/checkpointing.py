@@ -373,6 +373,7 @@ def restore_params(path: str, target: Mapping[str, Any], *,
                    init_fn: Optional[Callable[[], Mapping[str, Any]]] = None,
                    frozen: Optional[Callable[[str], bool]] = None,
                    format: str = "auto",  # pylint: disable=redefined-builtin
+                   check_loaded: Optional[Callable[[Mapping[str, Any]], None]] = None,
                    ) -> Dict[str, Any]:
   """`target` (params, concrete or abstract with shardings) filled from a checkpoint.
 
@@ -383,9 +384,13 @@ def restore_params(path: str, target: Mapping[str, Any], *,
   `require_adapters` (evaluating a trained model), missing adapters are errors.
   An abstract `target` takes what the checkpoint lacks from `init_fn()`, called
   only after every check passed (so a mismatch costs no initialisation).
+  `check_loaded(loaded)` sees the checkpoint's `{path: array}` before any merge (the
+  trainer's check that it fills every frozen vision tower).
   """
   path = resolve_checkpoint(path)
   loaded = checkpoint_restore.read_checkpoint(path, format)
+  if check_loaded is not None:
+    check_loaded(loaded)
   if require_adapters:
     flat = traverse_util.flatten_dict(dict(target), keep_empty_nodes=False)
     missing = sorted("/".join(k) for k, v in flat.items()

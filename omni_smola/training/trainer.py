@@ -36,6 +36,7 @@ import numpy as np
 import seqio
 
 from omni_smola import param_layout
+from omni_smola.checkpoints import vision_tower_sources
 from omni_smola.data import images
 from omni_smola.training import best_checkpoint, checkpointing, data_iterator, faults
 from omni_smola.training import metrics_logging, microbatches
@@ -197,6 +198,7 @@ def train(*, model, model_dir: str, train_dataset_cfg: data_iterator.DatasetConf
           initial_checkpoint_path: Optional[str] = None,
           initial_checkpoint_allow_missing: Sequence[str] = DEFAULT_ALLOW_MISSING,
           initial_checkpoint_ignore_unexpected: bool = False,
+          vision_tower_checkpoints: Optional[Dict[str, Any]] = None,
           infer_eval_dataset_cfg: Optional[data_iterator.DatasetConfig] = None,
           eval_period: int = 0,
           eval_num_examples: Optional[int] = None,
@@ -226,6 +228,9 @@ def train(*, model, model_dir: str, train_dataset_cfg: data_iterator.DatasetConf
     initial_checkpoint_path: INITIAL_CHECKPOINT_PATH, read when not resuming:
       our own checkpoints or any format `load_pretrained` reads; parameters it
       lacks must be adapters or match `initial_checkpoint_allow_missing`.
+    vision_tower_checkpoints: VISION_TOWER_CHECKPOINTS of a MoME model, `{tower: path or
+      (path, subtree)}`, read when not resuming (`checkpoints.vision_tower_sources`); a
+      frozen tower that neither it nor the initial checkpoint fills is an error.
     infer_eval_dataset_cfg: what to evaluate every `eval_period` steps.
     eval_num_examples: at most this many examples per evaluated task.
     eval_output_dir: default MODEL_DIR/eval.
@@ -283,18 +288,30 @@ def train(*, model, model_dir: str, train_dataset_cfg: data_iterator.DatasetConf
       return param_layout.is_adapter_path(path) or any(
           re.search(p, name) for p in initial_checkpoint_allow_missing)
 
+    mask = {"/".join(k): v for k, v in traverse_util.flatten_dict(layout.mask).items()}
+    towers = vision_tower_sources.TowerFill(dict(getattr(model.config, "vision_towers", ())),
+                                            vision_tower_checkpoints,
+                                            checkpointing.resolve_checkpoint)
+
+    def check_towers(loaded):
+      towers.check_filled(mask, lambda name: not mask[name], loaded, initial_checkpoint_path)
+
     if initial_checkpoint_path:
       logging.info("Initialising from %s (adapters fresh)", initial_checkpoint_path)
-      trainable = {"/".join(k) for k, v in traverse_util.flatten_dict(layout.mask).items() if v}
+      initial_checkpoint_allow_missing = (tuple(initial_checkpoint_allow_missing)
+                                          + towers.allow_missing)
       params = checkpointing.restore_params(
           initial_checkpoint_path,
           partitioned_step.with_sharding(layout.abstract_params, layout.params_sharding),
           allow_missing=initial_checkpoint_allow_missing,
           ignore_unexpected=initial_checkpoint_ignore_unexpected,
           init_fn=lambda: fresh_params(keep=may_be_missing),
-          frozen=lambda name: name not in trainable)
+          frozen=lambda name: not mask[name] and not towers.fills(name),
+          check_loaded=check_towers)
     else:
+      check_towers({})
       params = fresh_params()
+    params = towers.fill(params)
     trainable, frozen = split_params(params, layout.mask)
     opt_state = partitioned_step.init_opt_state(partitioner, tx, trainable, layout.opt_sharding)
     state = TrainState(step=partitioned_step.replicate(partitioner, np.int32(0)),
