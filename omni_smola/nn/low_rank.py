@@ -46,15 +46,15 @@ class LowRankAdapter(nn.Module):
 
     `stacked`: `(size, logical axis name)` of each leading axis. `rank` None: the
     factors have no rank axis, `A [*stacked, d]` and `B [*stacked, f]` (MixLoRA's
-    pools of rank-1 factors). Then `down_projection`'s fan-in axis (-2) is the last
-    stacked one, not d: MixLoRA's `A [K, d]` starts at std 1/sqrt(K). Kept as it was,
-    since trained checkpoints and the tests' fixed-seed values depend on it.
+    pools of rank-1 factors); A's fan-in is still d, so every A starts at std
+    1/sqrt(d), as LoRA's does.
     """
     sizes = tuple(size for size, _ in stacked)
     axes = tuple(axis for _, axis in stacked)
     rank_axis = ((rank,), ("lora_rank",)) if rank is not None else ((), ())
+    down_init = initializers.down_projection if rank is not None else initializers.down_vectors
     down = self.param(names[0], nn.with_logical_partitioning(
-        initializers.down_projection, axes + (self.in_axis,) + rank_axis[1]),
+        down_init, axes + (self.in_axis,) + rank_axis[1]),
                       sizes + (self.in_features,) + rank_axis[0], self.param_dtype)
     up = self.param(names[1], nn.with_logical_partitioning(
         initializers.up_projection, axes + rank_axis[1] + (self.out_axis,)),
