@@ -120,3 +120,47 @@ def test_statistics_are_grouped_by_smola_group_or_adapter_kind():
   assert collect.group_of(site + ("adapter",), kinds) == ("text/decoder/layers_0/mlp/wo",
                                                           "mole")
   assert collect.group_of(site + ("specialist_adapter",), kinds)[1] == "specialist"
+
+
+def test_a_mome_checkpoint_gives_tower_selection_and_mole_expert_use_per_task(tmp_path):
+  """MoVE's router per task (rows sum to one) and MoLE's expert per task and layer, plotted."""
+  model_dir = str(tmp_path / "mome")
+  gin.clear_config()
+  analyze.parse_config(["models/tiny_mome.gin"], [
+      f"CHECKPOINT_PATH = '{model_dir}'", "MIXTURE_OR_TASK_NAME = 'mp_mixture'",
+      f"MIXTURE_OR_TASK_MODULE = '{TASKS_MODULE}'", f"TASK_FEATURE_LENGTHS = {LENGTHS!r}",
+      "ANALYSIS_BATCH_SIZE = 8", "ANALYSIS_NUM_BATCHES = 1"])
+  from omni_smola.analysis import routing
+  model = gin.query_parameter("%MODEL").scoped_configurable_fn()
+  params = random_params(model, make_batch(model))  # routers and MoLE's `up` non-zero
+  checkpointer = checkpointing.RunCheckpointer(
+      model_dir, checkpointing.CheckpointConfig(use_async=False, export_adapters=False))
+  checkpointer.save(2, {"step": np.int32(2), "params": params,
+                        "opt_state": {"count": np.int32(2)}}, {"batches_consumed": 2})
+  checkpointer.close()
+  try:
+    summary = routing.analyze()
+  finally:
+    gin.clear_config()
+  towers = summary["towers"]
+  assert towers["towers"] == ["img", "pix2struct"]
+  assert sorted(towers["tasks"]) == ["mp_colors", "mp_counts"]
+  for entry in towers["tasks"].values():
+    assert entry["examples"] == 8
+    for field in ("mean_weight", "selection_frequency"):
+      assert sum(entry[field]) == pytest.approx(1.0, abs=1e-6), field
+  mole = {layer: groups["mome_mole"] for layer, groups in summary["layers"].items()}
+  assert list(mole) == ["text/encoder/layers_0", "text/encoder/layers_1",
+                        "text/decoder/layers_0", "text/decoder/layers_1"]
+  for table in mole.values():
+    assert table["experts"] == 3
+    for entry in table["tasks"].values():  # one expert per example: fractions of examples
+      assert sum(entry["load_fraction"]) == pytest.approx(1.0, abs=1e-6)
+      assert all(f * 8 == pytest.approx(round(f * 8)) for f in entry["load_fraction"])
+  with open(os.path.join(summary["output_dir"], "routing.json")) as f:
+    assert json.load(f)["towers"] == towers
+  for figure in ("tower_selection.png", "mole_experts_encoder.png",
+                 "mole_experts_decoder.png"):
+    assert f"figures/{figure}" in summary["figures"]
+    with open(os.path.join(summary["output_dir"], "figures", figure), "rb") as f:
+      assert f.read(8) == PNG_SIGNATURE, figure

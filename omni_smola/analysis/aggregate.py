@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Mapping, Tuple
 
 import numpy as np
 
-from omni_smola.analysis.collect import ROW_VALID, split_key
+from omni_smola.analysis.collect import ROW_VALID, TOWER_WEIGHTS, split_key
 from omni_smola.data import task_ids
 
 # `text/encoder/layers_3/mlp/wi_0` -> `text/encoder/layers_3`; ViT blocks likewise.
@@ -30,6 +30,15 @@ def layer_sort_key(layer: str):
                len(STACK_ORDER))
   index = re.search(r"_(\d+)$", layer)
   return (stack, int(index.group(1)) if index else -1, layer)
+
+
+def row_tasks(stats: Mapping[str, np.ndarray]) -> Tuple[np.ndarray, np.ndarray, Dict[int, str]]:
+  """(valid rows [b], each row's task name [b] ('' for padding), {task id: name})."""
+  rows = np.asarray(stats[ROW_VALID]).astype(bool)
+  ids = np.asarray(stats["task_id"]).reshape(-1)
+  names = {int(i): task_ids.task_name(int(i)) for i in np.unique(ids[rows])}
+  per_row = np.array([names.get(int(i), "") for i in ids])
+  return rows, per_row, names
 
 
 class _Sums:
@@ -76,16 +85,13 @@ class RoutingAccumulator:
     self.task_ids: Dict[str, int] = {}
 
   def add(self, stats: Mapping[str, np.ndarray]) -> None:
-    rows = np.asarray(stats[ROW_VALID]).astype(bool)
-    ids = np.asarray(stats["task_id"]).reshape(-1)
-    names = {int(i): task_ids.task_name(int(i)) for i in np.unique(ids[rows])}
-    per_row = np.array([names.get(int(i), "") for i in ids])
+    rows, per_row, names = row_tasks(stats)
     for name in names.values():
       self.examples[name] = self.examples.get(name, 0) + int(np.sum(rows & (per_row == name)))
       self.task_ids[name] = task_ids.task_id(name)
     by_entry: Dict[Tuple[str, str], Dict[str, np.ndarray]] = {}
     for key, value in stats.items():
-      if key in ("task_id", ROW_VALID):
+      if key in ("task_id", ROW_VALID, TOWER_WEIGHTS):
         continue
       site, group, stat = split_key(key)
       by_entry.setdefault((site, group), {})[stat] = np.asarray(value, np.float64)

@@ -5,7 +5,9 @@ The adapters sow per-example statistics (`omni_smola.nn.routing_stats`) when the
 return_intermediates=True)` makes it so. Here they are picked out of the
 intermediates by name, inside the jitted function (so nothing else leaves the
 device), keyed `'<site>|<group>|<stat>'`, e.g.
-`'text/encoder/layers_0/mlp/wi_0|mm|expert_load'` -> [b, experts].
+`'text/encoder/layers_0/mlp/wi_0|mm|expert_load'` -> [b, experts]. MoME's MoLE sows the
+same statistics (`.../layers_0/mome_mole|mome_mole|expert_load`, its one chosen expert per
+example), and MoVE's tower router its weights, `tower_weights` -> [b, towers].
 
 Padding never counts: the encoder's adapters get the prompt's padding mask and
 the decoder's get `decoder_target_tokens > 0` from the model (teacher forcing),
@@ -23,6 +25,7 @@ from omni_smola.nn import AdapterPlan
 from omni_smola.training import data_iterator
 
 STATS = ("expert_load", "token_count", "routing_entropy", "max_weight")
+TOWER_WEIGHTS = "tower_weights"  # MoVE's [b, towers] router weights, sown by models.pali
 ROW_VALID = "analysis_row_valid"  # marks the rows that pad a task's last batch
 SEPARATOR = "|"
 
@@ -51,6 +54,9 @@ def routing_statistics(model, params, batch) -> Dict[str, jnp.ndarray]:
   flat = traverse_util.flatten_dict(intermediates)
   # A scanned stack sowed each statistic with a leading layer axis: one entry per layer.
   for key, value in (entry for item in flat.items() for entry in param_layout.per_layer(*item)):
+    if key == (TOWER_WEIGHTS,):  # MoME: once per example, at the model's root
+      out[TOWER_WEIGHTS] = value[0] if isinstance(value, tuple) else value
+      continue
     if key[-1] not in STATS:
       continue
     site, group = group_of(key[:-1], model.adapters)

@@ -6,6 +6,10 @@
 * `entropy_per_layer.png`: per group, the routing entropy per token of every
   layer, normalised by log(experts) (1: uniform over experts, 0: one expert
   per token), one line per task and the pooled mean.
+* MoME: `tower_selection.png`, a task x tower heat map of MoVE's mean router weight beside
+  the share of examples whose largest weight is each tower (MoME's Fig. 5; rows sum to one);
+  `mole_experts_<stack>.png`, one task x expert panel of MoLE's expert use per layer of the
+  encoder and of the decoder (the share of the task's examples routed to each expert).
 """
 import os
 import re
@@ -19,6 +23,8 @@ import numpy as np  # pylint: disable=wrong-import-position
 
 from omni_smola.analysis.aggregate import groups_in  # pylint: disable=wrong-import-position
 
+MOME_MOLE = "mome_mole"  # MoME's MoLE's group (param_layout.ADDED_MODULES)
+
 
 def slug(name: str) -> str:
   return re.sub(r"[^A-Za-z0-9_]+", "_", name).strip("_")
@@ -29,12 +35,17 @@ def _short(layer: str) -> str:
 
 
 def load_heatmaps(summary: Mapping[str, Any], directory: str) -> List[str]:
-  """One heat map per (group, layer); returns the paths written."""
+  """One heat map per (group, layer); returns the paths written.
+
+  MoME's MoLE (group `mome_mole`) is drawn per stack instead (`mole_expert_use`).
+  """
   os.makedirs(directory, exist_ok=True)
   tasks = list(summary["tasks"])
   paths = []
   for layer, groups in summary["layers"].items():
     for group, table in groups.items():
+      if group == MOME_MOLE:
+        continue
       rows = [t for t in tasks if t in table["tasks"]]
       matrix = np.array([table["tasks"][t]["load_fraction"] for t in rows])
       experts = table["experts"]
@@ -84,3 +95,66 @@ def entropy_per_layer(summary: Mapping[str, Any], directory: str) -> str:
   fig.savefig(path, dpi=100)
   plt.close(fig)
   return path
+
+
+def _task_heatmap(ax, matrix, rows, columns, title, xlabel):
+  image = ax.imshow(matrix, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0)
+  ax.set_xticks(range(len(columns)))
+  ax.set_xticklabels(columns, fontsize=7, rotation=30, ha="right")
+  ax.set_yticks(range(len(rows)))
+  ax.set_yticklabels(rows, fontsize=7)
+  ax.set_xlabel(xlabel, fontsize=8)
+  ax.set_title(title, fontsize=9)
+  for (i, j), value in np.ndenumerate(matrix):
+    ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=6,
+            color="white" if value < 0.5 else "black")
+  return image
+
+
+def tower_selection(towers: Mapping[str, Any], directory: str) -> str:
+  """MoVE's router per task (`tower_routing.TowerAccumulator.summarize()`); returns the path."""
+  os.makedirs(directory, exist_ok=True)
+  tasks = list(towers["tasks"])
+  names = towers["towers"]
+  fig, axes = plt.subplots(1, 2, figsize=(4.0 + 1.6 * len(names), 1.5 + 0.35 * len(tasks)),
+                           squeeze=False)
+  for ax, (field, title) in zip(axes[0], (("mean_weight", "mean router weight"),
+                                          ("selection_frequency", "selected (largest weight)"))):
+    matrix = np.array([towers["tasks"][t][field] for t in tasks])
+    image = _task_heatmap(ax, matrix, tasks, names, title, "vision tower")
+  fig.colorbar(image, ax=axes[0].tolist(), fraction=0.046, pad=0.04)
+  path = os.path.join(directory, "tower_selection.png")
+  fig.savefig(path, dpi=100, bbox_inches="tight")
+  plt.close(fig)
+  return path
+
+
+def mole_expert_use(summary: Mapping[str, Any], directory: str, group: str = MOME_MOLE
+                    ) -> List[str]:
+  """One figure per text stack with MoLE layers, a task x expert panel per layer."""
+  os.makedirs(directory, exist_ok=True)
+  tasks = list(summary["tasks"])
+  stacks: dict = {}
+  for layer, groups in summary["layers"].items():
+    if group in groups:
+      stack = "decoder" if re.search(r"(^|/)decoder/", layer) else "encoder"
+      stacks.setdefault(stack, []).append(layer)
+  paths = []
+  for stack, layers in stacks.items():
+    fig, axes = plt.subplots(1, len(layers), squeeze=False,
+                             figsize=(1.0 + 2.6 * len(layers), 1.5 + 0.35 * len(tasks)))
+    for ax, layer in zip(axes[0], layers):
+      table = summary["layers"][layer][group]
+      rows = [t for t in tasks if t in table["tasks"]]
+      matrix = np.array([table["tasks"][t]["load_fraction"] for t in rows])
+      image = _task_heatmap(ax, matrix, rows, [str(e) for e in range(table["experts"])],
+                            _short(layer), "MoLE expert")
+      if ax is not axes[0, 0]:
+        ax.set_yticklabels([])
+    fig.colorbar(image, ax=axes[0].tolist(), fraction=0.046, pad=0.04)
+    fig.suptitle(f"MoLE expert use per task, {stack}", fontsize=10)
+    path = os.path.join(directory, f"mole_experts_{stack}.png")
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    paths.append(path)
+  return paths

@@ -8,10 +8,14 @@ writes
 
     <output_dir>/routing.json          the summary (see aggregate.py for its fields)
     <output_dir>/figures/*.png         heat maps and the entropy plot (figures.py)
+
+A MoME model (`PaliConfig.move`) adds MoVE's tower router per task (`tower_routing.py`,
+`routing.json`'s `towers`, `figures/tower_selection.png`) and, with MoME's MoLE, its expert
+use per task and layer (`layers`' `mome_mole` group, `figures/mole_experts_<stack>.png`).
 """
 import json
 import os
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence
 
 from absl import logging
 import gin
@@ -19,7 +23,7 @@ import jax
 import numpy as np
 
 from omni_smola import param_layout
-from omni_smola.analysis import aggregate, collect, figures
+from omni_smola.analysis import aggregate, collect, figures, tower_routing
 from omni_smola.training import checkpointing, data_iterator, partitioned_step, trainer
 
 ROUTED_KINDS = ("smola", "omni_smola", "mixlora", "mole")  # the kinds that sow statistics
@@ -50,6 +54,18 @@ def _host(value) -> np.ndarray:
   return np.asarray(value)
 
 
+def mome_tower_router(model) -> Optional[Sequence[str]]:
+  """MoVE's tower names when the model routes over towers (fusion 'router'), else None."""
+  move = getattr(model.config, "move", None)
+  return list(move.tower_names) if move is not None and move.fusion == "router" else None
+
+
+def has_mome_mole(model) -> bool:
+  """Whether the text model has MoME's MoLE with a router (more than one expert)."""
+  mole = getattr(getattr(model.config, "text", None), "mome_mole", None)
+  return mole is not None and mole.num_experts > 1
+
+
 @gin.configurable
 def analyze(*, model, checkpoint_path: str, dataset_cfg: data_iterator.DatasetConfig,
             num_batches: Optional[int] = 4, output_dir: Optional[str] = None,
@@ -66,10 +82,12 @@ def analyze(*, model, checkpoint_path: str, dataset_cfg: data_iterator.DatasetCo
     top_k: how many top experts the summary names per task.
   """
   kind = getattr(model.adapters.adapter, "kind", None)
-  if kind not in ROUTED_KINDS:
+  towers = mome_tower_router(model)
+  if kind not in ROUTED_KINDS and towers is None and not has_mome_mole(model):
     raise ValueError(f"adapter kind {kind!r} has no router to analyse (routed kinds: "
-                     f"{ROUTED_KINDS}); pass the adapter config the checkpoint was trained "
-                     "with")
+                     f"{ROUTED_KINDS}; or a MoME model with MoVEConfig.fusion='router' or "
+                     "MoLE experts); pass the model and adapter configs the checkpoint was "
+                     "trained with")
   data_iterator.check_registered(dataset_cfg.mixture_or_task_name, dataset_cfg.module)
   step_dir = checkpointing.resolve_checkpoint(checkpoint_path)
   step = checkpointing.step_of(step_dir)
@@ -81,6 +99,7 @@ def analyze(*, model, checkpoint_path: str, dataset_cfg: data_iterator.DatasetCo
   image_size = trainer.image_size_of(model)
   tasks = collect.leaf_tasks(dataset_cfg.mixture_or_task_name)
   accumulator = aggregate.RoutingAccumulator()
+  tower_accumulator = tower_routing.TowerAccumulator(towers) if towers else None
   jitted = None
   for task in tasks:
     count = 0
@@ -90,11 +109,16 @@ def analyze(*, model, checkpoint_path: str, dataset_cfg: data_iterator.DatasetCo
             partitioner, lambda p, b: collect.routing_statistics(model, p, b),
             params_sharding, partitioner.batch_sharding(batch))
       stats = jitted(params, partitioner.global_batch(batch, dataset_cfg.batch_size))
-      accumulator.add({k: _host(v) for k, v in stats.items()})
+      stats = {k: _host(v) for k, v in stats.items()}
+      accumulator.add(stats)
+      if tower_accumulator is not None:
+        tower_accumulator.add(stats)
       count += 1
     if not count:
       logging.warning("task %s has no %s examples: skipped", task, dataset_cfg.split)
   summary = accumulator.summarize(top_k)
+  if tower_accumulator is not None:
+    summary["towers"] = tower_accumulator.summarize()
   summary.update(checkpoint=step_dir, step=step, adapter=kind,
                  mixture_or_task_name=dataset_cfg.mixture_or_task_name,
                  split=dataset_cfg.split, batches_per_task=num_batches,
@@ -105,7 +129,11 @@ def analyze(*, model, checkpoint_path: str, dataset_cfg: data_iterator.DatasetCo
     if make_figures:
       figure_dir = os.path.join(output_dir, "figures")
       paths = figures.load_heatmaps(summary, figure_dir)
-      paths.append(figures.entropy_per_layer(summary, figure_dir))
+      if summary["layers"]:
+        paths.append(figures.entropy_per_layer(summary, figure_dir))
+      paths += figures.mole_expert_use(summary, figure_dir)
+      if "towers" in summary:
+        paths.append(figures.tower_selection(summary["towers"], figure_dir))
     summary["figures"] = [os.path.relpath(p, output_dir) for p in paths]
     with open(os.path.join(output_dir, "routing.json"), "w") as f:
       json.dump(summary, f, indent=1)
