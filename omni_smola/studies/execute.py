@@ -1,9 +1,9 @@
 """Runs a planned study: each run trains (evaluating at its end) through the trainer's own
 code, in this process, unless it is done; a failure is recorded and the others go on.
 
-A run whose `init_from` run did not finish is not started (it fails naming that run). A
-non-finite loss stops the trainer (`NonFiniteLossError`); a non-finite score fails the run
-here. Both leave the other arms running.
+A run whose `init_from` or `tower_checkpoints` run did not finish is not started (it fails
+naming that run). A non-finite loss stops the trainer (`NonFiniteLossError`); a non-finite
+score fails the run here. Both leave the other arms running.
 """
 import math
 import os
@@ -84,10 +84,11 @@ def execute(study: Study, runs: Sequence[Run], study_dir: str) -> Dict[str, int]
       logging.info("%s: done before, skipped", prefix)
       counts["skipped"] += 1
       continue
-    source = run.init_from
-    if source is not None and markers.done(os.path.join(study_dir, source.directory)) is None:
-      markers.write_failed(run_dir, {"error": f"not started: its init_from run {source.label} "
-                                              "did not finish"})
+    source = next((r for r in run.dependencies
+                   if markers.done(os.path.join(study_dir, r.directory)) is None), None)
+    if source is not None:  # its checkpoint is missing or partial
+      markers.write_failed(run_dir, {"error": f"not started: {source.label}, whose checkpoint "
+                                              "it reads, did not finish"})
       logging.error("%s: not started, %s did not finish", prefix, source.label)
       counts["failed"] += 1
       continue

@@ -1,13 +1,35 @@
-"""Mixtures the studies add to the mini tasks: `mini_captions` (and `_tiny`), the captioning
-tasks alone, on which the mini study pretrains its RAW backbone (the paper's RAW checkpoint
-was pretrained without the fine-tuning mixture). Listed in a study's `task_modules`."""
+"""Mixtures the studies add to the mini tasks, each also with the `_tiny` suffix (the
+quick study's data). Listed in a study's `task_modules`.
+
+* `mini_captions`: the captioning tasks alone, on which the mini study pretrains its RAW
+  backbone (the paper's RAW checkpoint was pretrained without the fine-tuning mixture).
+* `mini_photos_shapes` and `mini_text_digits`: the mixture split by what the image holds,
+  scenes (photos, shapes) or characters (rendered words, handwritten digits re-drawn). The
+  MoME study pretrains one vision tower on each, so the towers specialise as MoME's
+  separately pretrained experts do. Together they are the nine tasks of `mini_generalist`,
+  at its rates.
+"""
+from typing import Mapping, Sequence
+
 from omni_smola.data import register_vl_mixture
 from omni_smola.data.prompts import CAPTION_PROMPT
 import tasks.mini
 
 CAPTION_SUBTASKS = [s for s, kwargs in tasks.mini.TASK_KWARGS.items()
                     if kwargs["prompt"] is CAPTION_PROMPT]
+PHOTOS_SHAPES_SUBTASKS = ["shapes_caption", "shapes_count", "shapes_color_qa",
+                          "shapes_spatial_qa", "photo_caption", "photo_qa"]
+TEXT_DIGITS_SUBTASKS = ["digits_qa", "text_read", "text_caption"]
+assert sorted(PHOTOS_SHAPES_SUBTASKS + TEXT_DIGITS_SUBTASKS) == sorted(tasks.mini.SUBTASKS)
 
-for _config in tasks.mini.CONFIG_SUFFIXES:
-  register_vl_mixture(f"mini_captions{tasks.mini.CONFIG_SUFFIXES[_config]}",
-                      {tasks.mini.task_name(s, _config): 1.0 for s in CAPTION_SUBTASKS})
+
+def _register(name: str, subtasks: Sequence[str], rates: Mapping[str, float]) -> None:
+  """`name` and `name_tiny`: `subtasks` of the full and tiny configs at `rates`."""
+  for config, suffix in tasks.mini.CONFIG_SUFFIXES.items():
+    register_vl_mixture(f"{name}{suffix}",
+                        {tasks.mini.task_name(s, config): rates[s] for s in subtasks})
+
+
+_register("mini_captions", CAPTION_SUBTASKS, {s: 1.0 for s in CAPTION_SUBTASKS})
+_register("mini_photos_shapes", PHOTOS_SHAPES_SUBTASKS, tasks.mini.DEFAULT_RATES)
+_register("mini_text_digits", TEXT_DIGITS_SUBTASKS, tasks.mini.DEFAULT_RATES)

@@ -1,10 +1,11 @@
 """A study expanded into runs: one per (arm, seed[, task]), in dependency order.
 
 Everything here is checked from the study's own fields, before gin parses any arm:
-names and run directories are unique, seed lists are non-empty, `init_from` names an
-arm that runs first and has the seed (or one seed for all), the reference and scaling
-arms exist. `--quick` is a transformation of the study (first seed, quick bindings,
-data names with a suffix), so the quick study is checked the same way.
+names and run directories are unique, seed lists are non-empty, `init_from` and each
+`tower_checkpoints` entry name an arm that runs first and has the seed (or one seed for
+all), the reference and scaling arms exist. `--quick` is a transformation of the study
+(first seed, quick bindings, data names with a suffix), so the quick study is checked the
+same way.
 """
 import dataclasses
 import os
@@ -25,10 +26,17 @@ class Run:
   directory: str  # relative to the study directory
   mixture: str  # what it trains on
   init_from: Optional["Run"] = None
+  # (tower, the run that trained it, its subtree or None: `vision_towers/<tower>`)
+  tower_sources: Tuple[Tuple[str, "Run", Optional[str]], ...] = ()
 
   @property
   def label(self) -> str:
     return f"{self.arm.name}/seed_{self.seed}" + (f"/{self.task}" if self.task else "")
+
+  @property
+  def dependencies(self) -> List["Run"]:
+    """The runs whose checkpoints this run reads: they must finish first."""
+    return ([self.init_from] if self.init_from else []) + [r for _, r, _ in self.tower_sources]
 
 
 def quick(study: Study) -> Study:
@@ -46,6 +54,54 @@ def quick(study: Study) -> Study:
 
 def seeds_of(study: Study, arm: Arm) -> List[int]:
   return list(study.seeds if arm.seeds is None else arm.seeds)
+
+
+def tower_entries(arm: Arm) -> List[Tuple[str, str, Optional[str]]]:
+  """`Arm.tower_checkpoints` as (tower, source arm, subtree or None); a malformed entry is
+  an error naming the arm and the tower."""
+  entries = []
+  for tower, value in arm.tower_checkpoints.items():
+    source, subtree = None, None
+    if isinstance(value, str):
+      source = value
+    elif isinstance(value, (tuple, list)) and len(value) == 2:
+      source, subtree = value
+    if not (isinstance(tower, str) and tower and isinstance(source, str) and source
+            and (subtree is None or isinstance(subtree, str) and subtree)):
+      raise StudyConfigError(
+          f"arm {arm.name!r}: Arm.tower_checkpoints[{tower!r}] = {value!r}: give an arm "
+          "name or (arm name, subtree or None)")
+    entries.append((tower, source, subtree))
+  return entries
+
+
+def _sources(arm: Arm) -> List[Tuple[str, str]]:
+  """(field, arm name) of every arm whose checkpoint `arm` reads."""
+  return ([("init_from", arm.init_from)] if arm.init_from else []) + [
+      (f"tower_checkpoints[{tower!r}]", source) for tower, source, _ in tower_entries(arm)]
+
+
+def _check_source(study: Study, arms: Dict[str, Arm], arm: Arm, field: str, name: str):
+  source = arms.get(name)
+  if source is None:
+    raise StudyConfigError(f"arm {arm.name!r}: {field} names no arm: {name!r}; the arms are "
+                           f"{sorted(arms)}")
+  if source.name == arm.name:
+    raise StudyConfigError(f"arm {arm.name!r}: {field} names the arm itself")
+  if source.per_task:
+    raise StudyConfigError(f"arm {arm.name!r}: {field} {source.name!r} is a per-task "
+                           "arm; start from an arm with one checkpoint per seed")
+  missing = set(seeds_of(study, arm)) - set(seeds_of(study, source))
+  if missing and len(seeds_of(study, source)) != 1:
+    raise StudyConfigError(f"arm {arm.name!r}: {field} {source.name!r} has no run with "
+                           f"seed(s) {sorted(missing)} (and more than one seed to share)")
+
+
+def _source_run(by_arm_seed: Dict[Tuple[str, int], "Run"], study: Study, source: Arm,
+                seed: int) -> "Run":
+  """`source`'s run of `seed`, or of its only seed (a stage shared by every seed)."""
+  seeds = seeds_of(study, source)
+  return by_arm_seed[(source.name, seed if seed in seeds else seeds[0])]
 
 
 def _check_arms(study: Study) -> Dict[str, Arm]:
@@ -71,17 +127,8 @@ def _check_arms(study: Study) -> Dict[str, Arm]:
       raise StudyConfigError(f"arm {arm.name!r}: no gin_files")
     arms[arm.name] = arm
   for arm in arms.values():
-    source = arms.get(arm.init_from) if arm.init_from else None
-    if arm.init_from and source is None:
-      raise StudyConfigError(f"arm {arm.name!r}: init_from names no arm: {arm.init_from!r}")
-    if source is not None:
-      if source.per_task:
-        raise StudyConfigError(f"arm {arm.name!r}: init_from {source.name!r} is a per-task "
-                               "arm; start from an arm with one checkpoint per seed")
-      missing = set(seeds_of(study, arm)) - set(seeds_of(study, source))
-      if missing and len(seeds_of(study, source)) != 1:
-        raise StudyConfigError(f"arm {arm.name!r}: init_from {source.name!r} has no run with "
-                               f"seed(s) {sorted(missing)} (and more than one seed to share)")
+    for field, name in _sources(arm):
+      _check_source(study, arms, arm, field, name)
   if study.reference_arm is not None:
     reference = arms.get(study.reference_arm)
     if reference is None or not reference.per_task:
@@ -104,10 +151,10 @@ def _in_dependency_order(arms: Dict[str, Arm]) -> List[Arm]:
     if state.get(arm.name) == "done":
       return
     if arm.name in chain:
-      raise StudyConfigError(f"arm {arm.name!r}: init_from makes a cycle: "
+      raise StudyConfigError(f"arm {arm.name!r}: init_from / tower_checkpoints make a cycle: "
                              + " -> ".join(chain + (arm.name,)))
-    if arm.init_from:
-      visit(arms[arm.init_from], chain + (arm.name,))
+    for _, name in _sources(arm):
+      visit(arms[name], chain + (arm.name,))
     state[arm.name] = "done"
     ordered.append(arm)
 
@@ -126,14 +173,15 @@ def plan(study: Study, tasks: Sequence[str]) -> List[Run]:
   by_arm_seed: Dict[Tuple[str, int], Run] = {}
   for arm in _in_dependency_order(arms):
     for seed in seeds_of(study, arm):
-      source = None
-      if arm.init_from:
-        source_seeds = seeds_of(study, arms[arm.init_from])
-        source = by_arm_seed[(arm.init_from, seed if seed in source_seeds else source_seeds[0])]
+      source = (_source_run(by_arm_seed, study, arms[arm.init_from], seed)
+                if arm.init_from else None)
+      towers = tuple((tower, _source_run(by_arm_seed, study, arms[name], seed), subtree)
+                     for tower, name, subtree in tower_entries(arm))
       for task in (tasks if arm.per_task else [None]):
         run = Run(arm=arm, seed=seed, task=task,
                   directory=os.path.join(arm.name, f"seed_{seed}", *([task] if task else [])),
-                  mixture=task or arm.mixture or study.mixture, init_from=source)
+                  mixture=task or arm.mixture or study.mixture, init_from=source,
+                  tower_sources=towers)
         runs.append(run)
         if task is None:
           by_arm_seed[(arm.name, seed)] = run

@@ -37,6 +37,10 @@ class Arm:
       '@' is a gin reference (`{'EVAL_PERIOD': '%TRAIN_STEPS'}`), anything else a literal.
     init_from: another arm whose checkpoint (same seed, or its only seed) becomes
       INITIAL_CHECKPOINT_PATH.
+    tower_checkpoints: MoME's frozen vision towers from other arms (tower-pretraining
+      stages), `{tower: arm}` or `{tower: (arm, subtree)}`: the runner binds
+      VISION_TOWER_CHECKPOINTS to each arm's run directory of the same seed (or its only
+      seed), read at `vision_towers/<tower>/` or at `subtree`, and trains those arms first.
     per_task: one run per task of the study's mixture, trained on that task alone (a
       specialist); its score on a task is that task's run.
     mixture: the training mixture; default the study's (ignored by per-task arms).
@@ -48,6 +52,7 @@ class Arm:
   gin_files: Sequence[str] = gin.REQUIRED
   bindings: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   init_from: Optional[str] = None
+  tower_checkpoints: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   per_task: bool = False
   mixture: Optional[str] = None
   seeds: Optional[Sequence[int]] = None
@@ -93,8 +98,34 @@ class Study:
   quick_name_suffix: str = ""
 
 
+def _is_reference(value: Any) -> bool:
+  return isinstance(value, str) and value[:1] in ("%", "@")
+
+
+def _holds_reference(value: Any) -> bool:
+  if isinstance(value, (tuple, list)):
+    return any(_holds_reference(v) for v in value)
+  if isinstance(value, dict):
+    return any(_holds_reference(v) for v in value.values())
+  return _is_reference(value)
+
+
+def gin_value(value: Any) -> str:
+  """`value` as gin text; a '%MACRO' or '@ref()' string, also inside a tuple, list or
+  dict value, stays a reference (`(('dinov2', '@DinoV2Config()'),)` binds a tower config).
+  A value without one is its repr, as before references could nest."""
+  if not _holds_reference(value):
+    return repr(value)
+  if _is_reference(value):
+    return value
+  if isinstance(value, dict):
+    return "{" + ", ".join(f"{k!r}: {gin_value(v)}" for k, v in value.items()) + "}"
+  items = [gin_value(v) for v in value]
+  if isinstance(value, list):
+    return "[" + ", ".join(items) + "]"
+  return "(" + ", ".join(items) + ("," if len(items) == 1 else "") + ")"
+
+
 def gin_binding(name: str, value: Any) -> str:
-  """`NAME = value` for gin; '%MACRO' and '@ref()' strings stay references."""
-  if isinstance(value, str) and value[:1] in ("%", "@"):
-    return f"{name} = {value}"
-  return f"{name} = {value!r}"
+  """`NAME = value` for gin (`gin_value`: '%MACRO' and '@ref()' strings stay references)."""
+  return f"{name} = {gin_value(value)}"

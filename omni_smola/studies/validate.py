@@ -5,8 +5,9 @@ typo'd macro or configurable, a required macro left unset), its training mixture
 registered, and each arm's model is built abstractly by the accounting (an unknown adapter
 kind or a bad adapter field fails there) which also gives the parameter and FLOP counts
 of the results table (the abstract trace can be skipped: `account=False`, which still
-builds the model's configuration). A finished run whose recorded configuration differs from the
-study's is refused too: its scores would not be the arm's. Errors name the arm.
+builds the model's configuration). Each `Arm.tower_checkpoints` entry must name a tower of
+the arm's model and of its source arm's. A finished run whose recorded configuration differs
+from the study's is refused too: its scores would not be the arm's. Errors name the arm.
 """
 import os
 from typing import Any, Dict, List, Sequence
@@ -17,8 +18,8 @@ from omni_smola import params as params_lib
 from omni_smola.analysis import collect
 from omni_smola.training import data_iterator
 from omni_smola.studies import configure, markers
-from omni_smola.studies.plan import Run
-from omni_smola.studies.spec import Study, StudyConfigError
+from omni_smola.studies.plan import Run, tower_entries
+from omni_smola.studies.spec import Arm, Study, StudyConfigError
 
 
 def study_tasks(study: Study) -> List[str]:
@@ -30,22 +31,43 @@ def study_tasks(study: Study) -> List[str]:
   return collect.leaf_tasks(study.mixture)
 
 
-def _build(gin_files: Sequence[str], bindings: Sequence[str], account: bool
-           ) -> Dict[str, Any]:
+def check_tower_sources(arm: Arm, towers_of: Dict[str, List[str]]) -> None:
+  """Each `arm.tower_checkpoints` entry names a tower of the arm's model and, read at its
+  default subtree (`vision_towers/<tower>`), a tower of its source arm's model.
+
+  `towers_of`: {arm name: its model's `PaliConfig.vision_towers` names}.
+  """
+  for tower, source, subtree in tower_entries(arm):
+    if tower not in towers_of[arm.name]:
+      raise StudyConfigError(
+          f"arm {arm.name!r}: Arm.tower_checkpoints names tower {tower!r}, which its model "
+          f"does not have (PaliConfig.vision_towers: {towers_of[arm.name]})")
+    if subtree is None and tower not in towers_of[source]:
+      raise StudyConfigError(
+          f"arm {arm.name!r}: Arm.tower_checkpoints[{tower!r}] reads arm {source!r}, whose "
+          f"model has no tower {tower!r} (its towers: {towers_of[source]}); give "
+          "(arm, subtree) to read another subtree")
+
+
+def _build(gin_files: Sequence[str], bindings: Sequence[str], account: bool):
   """Builds the run's model object (its AdapterSpecs check their fields) and, with
-  `account`, traces it abstractly for its parameter and FLOP counts (params.py)."""
+  `account`, traces it abstractly for its parameter and FLOP counts (params.py).
+
+  Returns (the accounting, {} without `account`; the model's vision tower names).
+  """
   gin.clear_config()
   params_lib.parse_config(gin_files, bindings)
-  params_lib.run_macros()
+  model, _, _ = params_lib.run_macros()
+  towers = [name for name, _ in getattr(getattr(model, "config", None), "vision_towers", ())]
   if not account:
-    return {}
+    return {}, towers
   account = params_lib.account_from_gin()
   parameters, flops = account["parameters"], account["flops"]["total"]
   return {"adapters": {slot: spec["kind"] if spec else None
                        for slot, spec in account["model"]["adapters"].items()},
           "parameters": {k: parameters[k] for k in ("total", "trainable", "adapters")},
           "flops": {"backbone": flops["backbone"], "adapters": flops["adapters"],
-                    "total": flops["backbone"] + flops["adapters"]}}
+                    "total": flops["backbone"] + flops["adapters"]}}, towers
 
 
 def _checked(run: Run, check, *args):
@@ -81,5 +103,10 @@ def validate(study: Study, runs: Sequence[Run], study_dir: str,
           f"arm {run.arm.name!r}: {run.label} finished before with another configuration "
           f"(see {os.path.join(study_dir, run.directory, markers.DONE)}); use another "
           "--study_dir or delete that run")
-  return {name: _checked(run, _build, *configure.run_config(study, run, study_dir), account)
-          for name, run in first.items()}
+  accounts, towers_of = {}, {}
+  for name, run in first.items():
+    accounts[name], towers_of[name] = _checked(
+        run, _build, *configure.run_config(study, run, study_dir), account)
+  for arm in study.arms:
+    check_tower_sources(arm, towers_of)
+  return accounts
