@@ -2,6 +2,7 @@
 tower stages first, binds VISION_TOWER_CHECKPOINTS to their run directories and refuses
 what would read the wrong tower or none; plan and configure level, nothing trains."""
 import ast
+import dataclasses
 import os
 
 import pytest
@@ -127,3 +128,20 @@ def test_references_nest_in_binding_values():
   # A value without a reference is its repr, as before (done records stay comparable).
   for value in ([("^vision_towers/", True)], {"a": (1, "b")}, "x", ("a",)):
     assert gin_binding("T", value) == f"T = {value!r}"
+
+
+def test_the_routing_maps_go_to_the_best_arm_with_any_router():
+  """MoME arms have no routed adapter slot; their tower router and MoLE still count."""
+  from omni_smola.analysis.routing import has_router  # pylint: disable=g-import-not-at-top
+  from omni_smola.model import PaliModel  # pylint: disable=g-import-not-at-top
+  from omni_smola.models.configs import CONFIGS  # pylint: disable=g-import-not-at-top
+  from omni_smola.studies import plots  # pylint: disable=g-import-not-at-top
+  mome = CONFIGS["tiny_mome"]
+  assert has_router(PaliModel(mome))
+  added = dataclasses.replace(mome, move=dataclasses.replace(mome.move, fusion="addition"))
+  assert has_router(PaliModel(added))  # MoLE's router
+  assert not has_router(PaliModel(dataclasses.replace(
+      added, text=dataclasses.replace(added.text, mome_mole=None))))
+  summary = {"arms": {"mome": {"delta": None, "mean_score": {"mean": 1.0}, "routed": True},
+                      "better": {"delta": None, "mean_score": {"mean": 2.0}, "routed": False}}}
+  assert plots.best_routed_arm(summary, set()) == "mome"

@@ -66,6 +66,13 @@ def has_mome_mole(model) -> bool:
   return mole is not None and mole.num_experts > 1
 
 
+def has_router(model) -> bool:
+  """Whether `analyze` has a router of `model` to analyse: a routed adapter kind, MoVE's
+  tower router or MoME's MoLE (the study runner picks its routed arms by it)."""
+  return (getattr(model.adapters.adapter, "kind", None) in ROUTED_KINDS
+          or mome_tower_router(model) is not None or has_mome_mole(model))
+
+
 @gin.configurable
 def analyze(*, model, checkpoint_path: str, dataset_cfg: data_iterator.DatasetConfig,
             num_batches: Optional[int] = 4, output_dir: Optional[str] = None,
@@ -83,7 +90,7 @@ def analyze(*, model, checkpoint_path: str, dataset_cfg: data_iterator.DatasetCo
   """
   kind = getattr(model.adapters.adapter, "kind", None)
   towers = mome_tower_router(model)
-  if kind not in ROUTED_KINDS and towers is None and not has_mome_mole(model):
+  if not has_router(model):
     raise ValueError(f"adapter kind {kind!r} has no router to analyse (routed kinds: "
                      f"{ROUTED_KINDS}; or a MoME model with MoVEConfig.fusion='router' or "
                      "MoLE experts); pass the model and adapter configs the checkpoint was "

@@ -75,10 +75,10 @@ def per_task(summary: Mapping[str, Any], directory: str) -> Optional[str]:
 
 
 def best_routed_arm(summary: Mapping[str, Any], per_task_arms) -> Optional[str]:
-  from omni_smola.analysis.routing import ROUTED_KINDS  # pylint: disable=g-import-not-at-top
+  """The best-scoring arm with a router (`routed`: the accounting's `routing.has_router`:
+  a routed adapter, MoVE's tower router or MoME's MoLE)."""
   candidates = [(name, _headline(arm)["mean"]) for name, arm in summary["arms"].items()
-                if name not in per_task_arms and _headline(arm)
-                and arm.get("adapters", {}).get("adapter") in ROUTED_KINDS]
+                if name not in per_task_arms and _headline(arm) and arm.get("routed")]
   return max(candidates, key=lambda c: c[1])[0] if candidates else None
 
 

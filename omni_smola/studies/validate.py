@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Sequence
 import gin
 
 from omni_smola import params as params_lib
-from omni_smola.analysis import collect
+from omni_smola.analysis import collect, routing
 from omni_smola.training import data_iterator
 from omni_smola.studies import configure, markers
 from omni_smola.studies.plan import Run, tower_entries
@@ -65,6 +65,7 @@ def _build(gin_files: Sequence[str], bindings: Sequence[str], account: bool):
   parameters, flops = account["parameters"], account["flops"]["total"]
   return {"adapters": {slot: spec["kind"] if spec else None
                        for slot, spec in account["model"]["adapters"].items()},
+          "routed": routing.has_router(model),
           "parameters": {k: parameters[k] for k in ("total", "trainable", "adapters")},
           "flops": {"backbone": flops["backbone"], "adapters": flops["adapters"],
                     "total": flops["backbone"] + flops["adapters"]}}, towers
