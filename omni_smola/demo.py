@@ -48,8 +48,10 @@ from omni_smola.training import checkpointing, trainer
 
 flags.DEFINE_string("run_dir", "runs/demo", "Where everything the demo makes goes.")
 flags.DEFINE_integer("pretrain_steps", None, "Overrides the backbone's TRAIN_STEPS.")
-flags.DEFINE_integer("generalist_steps", None, "Overrides TRAIN_STEPS of the generalists and of the "
-                     "continued-FT control.")
+# 300, the mini study's ADAPTER_STEPS (gin_configs/studies/mini_table3.gin): the demo runs the
+# study's recipe for one seed, and stays within ten minutes on two cores.
+flags.DEFINE_integer("generalist_steps", 300, "TRAIN_STEPS of the generalists and of the "
+                     "continued-FT control (0: the experiments' gin files' own).")
 flags.DEFINE_integer("eval_examples", None, "Overrides EVAL_NUM_EXAMPLES (per task).")
 flags.DEFINE_string("data_config", "full", "Mini dataset config: 'full' or 'tiny'.")
 flags.DEFINE_integer("experts_per_group", None,
