@@ -30,13 +30,20 @@ def analysed(tmp_path_factory):
       f"MIXTURE_OR_TASK_MODULE = '{TASKS_MODULE}'", f"TASK_FEATURE_LENGTHS = {LENGTHS!r}",
       f"ANALYSIS_BATCH_SIZE = {BATCH}", f"ANALYSIS_NUM_BATCHES = {BATCHES}",
       f"omni_smola.nn.adapter_spec.AdapterSpec.experts_per_group = {EXPERTS!r}"])
+  return analyze_random_checkpoint(model_dir, step=3)
+
+
+def analyze_random_checkpoint(model_dir, step):
+  """The configured model's random params (adapters and routers non-zero) saved as `step`
+  of `model_dir`, then `routing.analyze()`: (model, summary)."""
   from omni_smola.analysis import routing
   model = gin.query_parameter("%MODEL").scoped_configurable_fn()
   params = random_params(model, make_batch(model))
   checkpointer = checkpointing.RunCheckpointer(
       model_dir, checkpointing.CheckpointConfig(use_async=False, export_adapters=False))
-  checkpointer.save(3, {"step": np.int32(3), "params": params,
-                        "opt_state": {"count": np.int32(3)}}, {"batches_consumed": 3})
+  checkpointer.save(step, {"step": np.int32(step), "params": params,
+                           "opt_state": {"count": np.int32(step)}},
+                    {"batches_consumed": step})
   checkpointer.close()
   try:
     summary = routing.analyze()
@@ -130,18 +137,7 @@ def test_a_mome_checkpoint_gives_tower_selection_and_mole_expert_use_per_task(tm
       f"CHECKPOINT_PATH = '{model_dir}'", "MIXTURE_OR_TASK_NAME = 'mp_mixture'",
       f"MIXTURE_OR_TASK_MODULE = '{TASKS_MODULE}'", f"TASK_FEATURE_LENGTHS = {LENGTHS!r}",
       "ANALYSIS_BATCH_SIZE = 8", "ANALYSIS_NUM_BATCHES = 1"])
-  from omni_smola.analysis import routing
-  model = gin.query_parameter("%MODEL").scoped_configurable_fn()
-  params = random_params(model, make_batch(model))  # routers and MoLE's `up` non-zero
-  checkpointer = checkpointing.RunCheckpointer(
-      model_dir, checkpointing.CheckpointConfig(use_async=False, export_adapters=False))
-  checkpointer.save(2, {"step": np.int32(2), "params": params,
-                        "opt_state": {"count": np.int32(2)}}, {"batches_consumed": 2})
-  checkpointer.close()
-  try:
-    summary = routing.analyze()
-  finally:
-    gin.clear_config()
+  _, summary = analyze_random_checkpoint(model_dir, step=2)  # routers, MoLE's `up` non-zero
   towers = summary["towers"]
   assert towers["towers"] == ["img", "pix2struct"]
   assert sorted(towers["tasks"]) == ["mp_colors", "mp_counts"]
