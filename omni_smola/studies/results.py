@@ -121,8 +121,7 @@ def summarize(study: Study, runs: Sequence[Run], study_dir: str, tasks: Sequence
         "seeds": {str(s): v for s, v in seeds.items()},
         "expected_seeds": seeds_of(study, arm),
         "tasks": per_task,
-        "mean_score": (_mean_std([float(np.mean([v["scores"][t] for t in tasks]))
-                                  for v in done if all(t in v["scores"] for t in tasks)])
+        "mean_score": (_mean_std(list(_seed_means(seeds, tasks).values()))
                        if done else None),
         "delta": _delta(seeds, reference, tasks) if reference is not None else None,
         **accounts.get(arm.name, {}),
