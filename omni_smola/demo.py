@@ -159,7 +159,17 @@ def _evaluate(name: str, adapters: str, run_dir: str,
 
 
 def run_demo(run_dir: str) -> str:
-  """Every phase; returns the table (also printed, and written to RUN_DIR/results.md)."""
+  """Every phase; returns the table (also printed, and written to RUN_DIR/results.md).
+
+  The phases share the programs of equal models (`program_cache`): the backbone and its
+  FT control evaluate through one decoder, and each evaluation reuses its model's
+  training layout."""
+  from omni_smola.training import program_cache  # pylint: disable=g-import-not-at-top
+  with program_cache.shared_programs():
+    return _run_phases(run_dir)
+
+
+def _run_phases(run_dir: str) -> str:
   import jax  # pylint: disable=g-import-not-at-top
   import seqio  # pylint: disable=g-import-not-at-top
   import tasks.mini  # pylint: disable=g-import-not-at-top

@@ -29,8 +29,10 @@ from omni_smola.models.attention import CROSS_ATTENTION_KV
 from omni_smola.models.pali import Pali
 from omni_smola.models.t5 import EncoderDecoder, EncoderOutput
 from omni_smola import param_layout
+from omni_smola.training import program_cache
 from omni_smola.nn import SLOT_NAMES, AdaptedDense, AdapterPlan, AdapterSpec
 from omni_smola.nn.adapter_spec import check_sites_match
+from omni_smola.nn.omni_smola import input_fusion
 
 DECODING_METHODS = ("greedy", "sample", "beam")
 TRAINABLE_MODES = ("adapters", "full")
@@ -82,6 +84,13 @@ def _refuse_ignored_config_bindings(name: str) -> None:
 def _config_name(config: configs.PaliConfig) -> Optional[str]:
   """The name of the `CONFIGS` entry `config` equals, if any (for reports)."""
   return next((name for name, named in configs.CONFIGS.items() if named == config), None)
+
+
+# gin configurables the layers call while tracing (not fields of the config or adapters):
+# they change the programs, so they are part of `PaliModel.fingerprint`.
+# tests/test_program_cache.py checks that every configurable of omni_smola/nn and
+# omni_smola/models is a config class or listed here.
+TRACE_TIME_SETTINGS = (("input_fusion", input_fusion),)
 
 
 @gin.configurable
@@ -151,6 +160,16 @@ class PaliModel:
       self.module = Pali(config, adapters=self.adapters)
     else:
       self.module = EncoderDecoder(config.text, adapters=self.adapters)
+
+  @property
+  def fingerprint(self) -> Optional[str]:
+    """What this model computes, as a value (`program_cache`): its class, config, adapters,
+    decoding and loss settings, and the settings its layers read from gin while tracing
+    (`TRACE_TIME_SETTINGS`). The vocabularies are the evaluator's, not the programs'."""
+    return program_cache.fingerprint(
+        type(self).__module__, type(self).__qualname__, self.config, self.adapters,
+        self.decoding_defaults, self.num_decodes, self.label_smoothing, self.z_loss,
+        self.loss_normalizing_factor, [(name, read()) for name, read in TRACE_TIME_SETTINGS])
 
   @property
   def has_vision(self) -> bool:

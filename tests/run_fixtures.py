@@ -17,3 +17,13 @@ def clean_gin():
   """Every test starts from an empty gin config, whatever the previous one parsed."""
   yield
   gin.clear_config()
+
+
+@pytest.fixture(scope="module")
+def shared_programs():
+  """The module's runs share their programs (`program_cache`), as a study's runs do: make
+  it autouse in a module whose runs are of one config (their bit-identical comparisons
+  then hold with the programs shared)."""
+  from omni_smola.training import program_cache  # pylint: disable=g-import-not-at-top
+  with program_cache.shared_programs():
+    yield

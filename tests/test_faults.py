@@ -41,7 +41,7 @@ KILL_SEED = 14  # picks the kill points; the test names them when it fails
 TMP_SUFFIX = ".orbax-checkpoint-tmp"  # Orbax's temporary step directories: <step><suffix>
 
 
-from run_fixtures import clean_gin, data_dir  # noqa: E402,F401  (pytest fixtures)
+from run_fixtures import clean_gin, data_dir, shared_programs  # noqa: E402,F401  (fixtures)
 
 
 class _Records(logging.Handler):
@@ -70,6 +70,11 @@ def absl_records():
   yield handler
   logger.removeHandler(handler)
   logger.setLevel(level)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def programs_shared_by_the_module(shared_programs):
+  del shared_programs
 
 
 @pytest.fixture(scope="module")

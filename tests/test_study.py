@@ -21,6 +21,7 @@ import gin  # noqa: E402
 from omni_smola import launching  # noqa: E402
 from omni_smola.studies import markers, runner  # noqa: E402
 from omni_smola.studies.spec import StudyConfigError  # noqa: E402
+from omni_smola.training import program_cache  # noqa: E402
 
 PAIR_MODULE = "study_test_pair"
 PAIR = "study_test_pair_tiny"
@@ -86,7 +87,9 @@ def load_study(root, *bindings, quick=True):
 @pytest.fixture(scope="module")
 def first_run(study_files):
   study_dir = study_files / "quick"
+  before = dict(program_cache.stats)
   summary = runner.run_study(load_study(study_files), str(study_dir), quick=True)
+  summary["programs"] = {k: program_cache.stats[k] - before[k] for k in before}
   return study_dir, summary
 
 
@@ -121,6 +124,14 @@ def test_quick_study_writes_one_row_per_arm_with_delta(first_run):
   operative = (study_dir / "diverges" / "seed_0" / "config.gin").read_text()
   # gin wraps a long value onto the next line: `NAME = \` then the value.
   assert re.search(r"INITIAL_CHECKPOINT_PATH = (\\\n\s*)?'.*/omni/seed_0'", operative), operative
+
+
+def test_runs_of_one_model_share_their_programs(first_run):
+  """The second specialist and the generalist (the same model and optimizer) trace
+  nothing of their own: they reuse the first specialist's six programs (abstract
+  variables, optimizer layout and init, parameter init, train step, decoder)."""
+  _, summary = first_run
+  assert summary["programs"]["reused"] >= 2 * 6, summary["programs"]
 
 
 def test_a_diverging_arm_is_marked_failed_and_the_others_finish(first_run):

@@ -23,7 +23,12 @@ from omni_smola.evaluation import tables  # noqa: E402
 from omni_smola.training import data_iterator, faults, iterator_state, trainer  # noqa: E402
 
 
-from run_fixtures import clean_gin, data_dir  # noqa: E402,F401  (pytest fixtures)
+from run_fixtures import clean_gin, data_dir, shared_programs  # noqa: E402,F401  (fixtures)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def programs_shared_by_the_module(shared_programs):
+  del shared_programs
 
 
 def train(model_dir, data_dir, callbacks=(), **overrides):

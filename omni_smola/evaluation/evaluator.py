@@ -34,7 +34,7 @@ import tensorflow_datasets as tfds
 from omni_smola import console
 from omni_smola.data import PaliFeatureConverter
 from omni_smola.evaluation import tables, task_mixing
-from omni_smola.training import partitioned_step
+from omni_smola.training import partitioned_step, program_cache
 
 METRICS_FILE = "metrics.json"
 PREDICTIONS_SUBDIR = "predictions"
@@ -220,7 +220,9 @@ class ModelEvaluator:
       batch = self.partitioner.global_batch(local, self.batch_size)
       if name not in self._jitted:
         self._jitted[name] = partitioned_step.jit_params_fn(
-            self.partitioner, fn, self.params_sharding, self.partitioner.batch_sharding(local))
+            self.partitioner, fn, self.params_sharding, self.partitioner.batch_sharding(local),
+            key=(name, self.model.fingerprint,
+                 program_cache.fingerprint(self.decoder_params)))
       outputs = jax.tree_util.tree_map(lambda x: np.asarray(x.addressable_data(0)),
                                        self._jitted[name](params, batch))
       results.extend(zip(_rows(keys, real), _rows(outputs, real)))  # padding rows dropped

@@ -18,6 +18,7 @@ from omni_smola.evaluation import evaluator, tables
 from omni_smola.studies import configure, markers
 from omni_smola.studies.plan import Run
 from omni_smola.studies.spec import Study
+from omni_smola.training import program_cache
 
 
 class RunFailedError(RuntimeError):
@@ -75,7 +76,16 @@ def _train(study: Study, run: Run, study_dir: str) -> Dict[str, Any]:
 
 
 def execute(study: Study, runs: Sequence[Run], study_dir: str) -> Dict[str, int]:
-  """Trains what is not done; returns counts {'trained', 'skipped', 'failed'}."""
+  """Trains what is not done; returns counts {'trained', 'skipped', 'failed'}.
+
+  Runs share the programs of equal models and optimizers (`program_cache`): an arm's
+  seeds and tasks trace and load their programs once.
+  """
+  with program_cache.shared_programs():
+    return _execute(study, runs, study_dir)
+
+
+def _execute(study: Study, runs: Sequence[Run], study_dir: str) -> Dict[str, int]:
   counts = {"trained": 0, "skipped": 0, "failed": 0}
   for index, run in enumerate(runs):
     run_dir = os.path.join(study_dir, run.directory)

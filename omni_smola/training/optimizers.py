@@ -10,11 +10,14 @@
 The optimizer only ever sees the trainable parameters (see `param_split`), so its
 state holds nothing for the frozen backbone.
 """
+import dataclasses
 from typing import Callable, NamedTuple, Optional, Union
 
 import gin
 import jax.numpy as jnp
 import optax
+
+from omni_smola.training import program_cache
 
 OPTIMIZERS = ("adafactor", "adamw", "sgd")
 SCHEDULES = ("constant", "rsqrt", "cosine", "linear")
@@ -22,15 +25,49 @@ Schedule = Callable[[jnp.ndarray], jnp.ndarray]
 
 
 class Optimizer(NamedTuple):
-  """The gradient transformation and the learning-rate schedule it follows (to log)."""
+  """The gradient transformation and the learning-rate schedule it follows (to log).
+
+  `spec`: what it was built from (`program_cache.fingerprint`), None when that has no
+  value identity (a schedule function of the user's own); train steps are shared only
+  between optimizers of equal specs.
+  """
   tx: optax.GradientTransformation
   learning_rate: Schedule
+  spec: Optional[str] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class LearningRateSchedule:
+  """`step -> learning rate`, a value: two equal schedules compare (and repr) equal, so
+  runs that share one can share their compiled train step (`program_cache`)."""
+  kind: str
+  peak_value: float
+  warmup_steps: int
+  total_steps: Optional[int]
+  final_fraction: float
+
+  def __call__(self, step):
+    step = jnp.asarray(step, jnp.float32)
+    if self.kind == "constant":
+      decay = 1.0
+    elif self.kind == "rsqrt":
+      floor = max(self.warmup_steps, 1)
+      decay = jnp.sqrt(floor / jnp.maximum(step, floor))
+    else:
+      span = max(self.total_steps - self.warmup_steps, 1)
+      progress = jnp.clip((step - self.warmup_steps) / span, 0.0, 1.0)
+      shape = (0.5 * (1.0 + jnp.cos(jnp.pi * progress)) if self.kind == "cosine"
+               else 1.0 - progress)
+      decay = self.final_fraction + (1.0 - self.final_fraction) * shape
+    warmup = (jnp.ones_like(step) if self.warmup_steps == 0
+              else jnp.minimum(step / self.warmup_steps, 1.0))
+    return self.peak_value * warmup * decay
 
 
 @gin.configurable
 def learning_rate_schedule(kind: str = "rsqrt", peak_value: float = 1e-2,
                            warmup_steps: int = 1000, total_steps: Optional[int] = None,
-                           final_fraction: float = 0.0) -> Schedule:
+                           final_fraction: float = 0.0) -> LearningRateSchedule:
   """A schedule `step -> learning rate` with a linear warm-up from 0 to `peak_value`.
 
   kind:
@@ -47,27 +84,7 @@ def learning_rate_schedule(kind: str = "rsqrt", peak_value: float = 1e-2,
   if kind in ("cosine", "linear") and not total_steps:
     raise ValueError(f"learning_rate_schedule.kind={kind!r} needs total_steps "
                      "(bind it to %TRAIN_STEPS)")
-
-  def warmup(step):
-    if warmup_steps == 0:
-      return jnp.ones_like(step)
-    return jnp.minimum(step / warmup_steps, 1.0)
-
-  def schedule(step):
-    step = jnp.asarray(step, jnp.float32)
-    if kind == "constant":
-      decay = 1.0
-    elif kind == "rsqrt":
-      decay = jnp.sqrt(max(warmup_steps, 1) / jnp.maximum(step, max(warmup_steps, 1)))
-    else:
-      span = max(total_steps - warmup_steps, 1)
-      progress = jnp.clip((step - warmup_steps) / span, 0.0, 1.0)
-      shape = (0.5 * (1.0 + jnp.cos(jnp.pi * progress)) if kind == "cosine"
-               else 1.0 - progress)
-      decay = final_fraction + (1.0 - final_fraction) * shape
-    return peak_value * warmup(step) * decay
-
-  return schedule
+  return LearningRateSchedule(kind, peak_value, warmup_steps, total_steps, final_fraction)
 
 
 @gin.configurable
@@ -104,7 +121,11 @@ def create_optimizer(name: str = "adafactor",
   else:
     core = optax.sgd(learning_rate)
   parts = [optax.clip_by_global_norm(clip_gradient_norm)] if clip_gradient_norm else []
-  return Optimizer(optax.chain(*parts, core), _as_schedule(learning_rate))
+  spec = program_cache.fingerprint(
+      "create_optimizer", name, learning_rate, clip_gradient_norm, weight_decay,
+      adafactor_decay_rate, adafactor_momentum, adafactor_multiply_by_parameter_scale,
+      adam_b1, adam_b2, adam_eps)
+  return Optimizer(optax.chain(*parts, core), _as_schedule(learning_rate), spec)
 
 
 def _as_schedule(learning_rate: Union[float, Schedule]) -> Schedule:

@@ -8,7 +8,9 @@ with `jax.make_array_from_process_local_data`, so the same code runs on one CPU,
 one TPU host or a multi-host pod.
 
 Every step is `jax.jit` with `in_shardings` / `out_shardings` and runs inside the
-mesh and the rules, so the model's own `with_logical_constraint`s apply.
+mesh and the rules, so the model's own `with_logical_constraint`s apply. Within
+`program_cache.shared_programs()` (a study, the demo) runs with equal models,
+optimizers and shardings share each program instead of tracing it again.
 """
 import contextlib
 import functools
@@ -25,7 +27,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from omni_smola import param_layout
 from omni_smola import partitioning
-from omni_smola.training import microbatches
+from omni_smola.training import microbatches, program_cache
 from omni_smola.training.train_state import Params, TrainState, merge_params
 
 NONFINITE_POLICIES = ("stop", "skip")
@@ -44,6 +46,11 @@ class Partitioner:
   @property
   def data_parallel_size(self) -> int:
     return int(self.mesh.shape["data"])
+
+  @property
+  def key(self) -> Tuple[Any, ...]:
+    """What every program built under this partitioner depends on: the mesh, the rules."""
+    return self.mesh, tuple(tuple(rule) for rule in self.rules)
 
   @contextlib.contextmanager
   def context(self):
@@ -74,16 +81,22 @@ class Partitioner:
     }
 
   def opt_state_sharding(self, tx: optax.GradientTransformation, abstract_trainable,
-                         trainable_sharding):
+                         trainable_sharding, tx_spec: Optional[str] = None):
     """Shardings of `tx.init(trainable)` as the compiler lays them out.
 
     Optimizer states need not be shaped like parameters (Adafactor keeps factored
     row and column statistics), so their layout comes from compiling the init.
+    `tx_spec`: the `Optimizer.spec` of `tx` (None: never shared).
     """
-    with self.context():
-      compiled = jax.jit(tx.init, in_shardings=(trainable_sharding,)).lower(
-          abstract_trainable).compile()
-    return compiled.output_shardings
+    def build():
+      with self.context():
+        compiled = jax.jit(tx.init, in_shardings=(trainable_sharding,)).lower(
+            abstract_trainable).compile()
+      return compiled.output_shardings
+
+    return program_cache.get_or_build(
+        ("opt_state_sharding", self.key, tx_spec, program_cache.tree_key(abstract_trainable),
+         program_cache.tree_key(trainable_sharding)), build)
 
 
 def train_state_sharding(partitioner: Partitioner, trainable_sharding, opt_sharding):
@@ -137,13 +150,24 @@ def make_train_step(model, tx: optax.GradientTransformation,
   return train_step
 
 
+def train_step_key(model, optimizer, on_nonfinite: str = "stop",
+                   num_microbatches: int = 1) -> Tuple[Any, ...]:
+  """What `make_train_step`'s step computes, as a `program_cache` key part."""
+  return ("train_step", model.fingerprint, optimizer.spec, on_nonfinite, num_microbatches)
+
+
 def jit_train_step(partitioner: Partitioner, train_step: Callable, state_sharding,
-                   frozen_sharding, batch_sharding):
-  """The train step, jitted with shardings; the state is donated (updated in place)."""
+                   frozen_sharding, batch_sharding, key: Optional[Tuple[Any, ...]] = None):
+  """The train step, jitted with shardings; the state is donated (updated in place).
+
+  `key` (`train_step_key`): steps with equal keys share one program within
+  `program_cache.shared_programs()`; None builds a program of its own.
+  """
   replicated = partitioner.replicated()
-  jitted = jax.jit(train_step,
-                   in_shardings=(state_sharding, frozen_sharding, batch_sharding, replicated),
-                   out_shardings=(state_sharding, replicated), donate_argnums=(0,))
+  jitted = program_cache.jit(
+      None if key is None else (partitioner.key,) + tuple(key), train_step,
+      in_shardings=(state_sharding, frozen_sharding, batch_sharding, replicated),
+      out_shardings=(state_sharding, replicated), donate_argnums=(0,))
 
   @functools.wraps(train_step)
   def run(*args):
@@ -155,10 +179,12 @@ def jit_train_step(partitioner: Partitioner, train_step: Callable, state_shardin
 
 
 def jit_params_fn(partitioner: Partitioner, fn: Callable, params_sharding,
-                  batch_sharding) -> Callable:
-  """`fn(params, batch)` jitted with sharded inputs and replicated outputs."""
-  jitted = jax.jit(fn, in_shardings=(params_sharding, batch_sharding),
-                   out_shardings=partitioner.replicated())
+                  batch_sharding, key: Optional[Tuple[Any, ...]] = None) -> Callable:
+  """`fn(params, batch)` jitted with sharded inputs and replicated outputs (`key`: what
+  `fn` computes, to share it within `program_cache.shared_programs()`)."""
+  jitted = program_cache.jit(
+      None if key is None else (partitioner.key,) + tuple(key), fn,
+      in_shardings=(params_sharding, batch_sharding), out_shardings=partitioner.replicated())
 
   def run(params, batch):
     with partitioner.context():
@@ -168,12 +194,14 @@ def jit_params_fn(partitioner: Partitioner, fn: Callable, params_sharding,
 
 
 def init_params(partitioner: Partitioner, model, rng, input_shapes, params_sharding,
-                keep: Optional[Callable[[Tuple[str, ...]], bool]] = None):
+                keep: Optional[Callable[[Tuple[str, ...]], bool]] = None,
+                keep_key: Optional[Tuple[Any, ...]] = None):
   """Fresh parameters (unboxed), initialised directly in their sharded layout.
 
   `keep(path)`: only the parameters it accepts (e.g. the adapters a pretrained backbone
   lacks). XLA then drops the others' initialisation from the program, so neither their
-  memory nor their random-number work is spent.
+  memory nor their random-number work is spent. `keep_key`: what `keep` decides, as a
+  value; without it a `keep` makes the init a program of its own.
   """
   def subtree(tree):
     if keep is None:
@@ -187,14 +215,23 @@ def init_params(partitioner: Partitioner, model, rng, input_shapes, params_shard
 
   # Outside the rules: `out_shardings` lays the parameters out, so no constraint is
   # needed inside the init.
+  key = (("init_params", partitioner.key, model.fingerprint, _shapes_key(input_shapes),
+          "all" if keep is None else keep_key))
+  jitted = program_cache.jit(key, init, out_shardings=subtree(params_sharding))
   with jax.set_mesh(partitioner.mesh):
-    return jax.jit(init, out_shardings=subtree(params_sharding))(rng)
+    return jitted(rng)
+
+
+def _shapes_key(input_shapes) -> Tuple[Any, ...]:
+  return tuple(sorted((name, tuple(shape)) for name, shape in input_shapes.items()))
 
 
 def abstract_variables(model, input_shapes) -> Dict[str, Any]:
   """Boxed `ShapeDtypeStruct` variables: shapes and logical axes, no memory."""
-  return jax.eval_shape(lambda rng: model.get_initial_variables(rng, input_shapes),
-                        jax.random.PRNGKey(0))
+  return program_cache.get_or_build(
+      ("abstract_variables", model.fingerprint, _shapes_key(input_shapes)),
+      lambda: jax.eval_shape(lambda rng: model.get_initial_variables(rng, input_shapes),
+                             jax.random.PRNGKey(0)))
 
 
 def with_sharding(abstract_tree, sharding_tree):
@@ -204,9 +241,13 @@ def with_sharding(abstract_tree, sharding_tree):
       abstract_tree, sharding_tree)
 
 
-def init_opt_state(partitioner: Partitioner, tx, trainable, opt_sharding):
+def init_opt_state(partitioner: Partitioner, tx, trainable, opt_sharding,
+                   tx_spec: Optional[str] = None):
+  """`tx.init(trainable)` in its layout (`tx_spec`: the `Optimizer.spec`, to share it)."""
+  jitted = program_cache.jit(("init_opt_state", partitioner.key, tx_spec), tx.init,
+                             out_shardings=opt_sharding)
   with partitioner.context():
-    return jax.jit(tx.init, out_shardings=opt_sharding)(trainable)
+    return jitted(trainable)
 
 
 def replicate(partitioner: Partitioner, value) -> jax.Array:

@@ -95,7 +95,8 @@ class _Layout:
 
 
 def plan_layout(model, partitioner, tx, shapes, trainable_mode: str,
-                trainable_overrides: Sequence[Tuple[str, bool]]) -> _Layout:
+                trainable_overrides: Sequence[Tuple[str, bool]],
+                tx_spec: Optional[str] = None) -> _Layout:
   abstract = partitioned_step.abstract_variables(model, shapes)
   params_sharding = partitioner.variables_sharding(abstract)["params"]
   mask = model.trainable_mask(abstract["params"], trainable_mode, tuple(trainable_overrides))
@@ -107,7 +108,8 @@ def plan_layout(model, partitioner, tx, shapes, trainable_mode: str,
   trainable_sharding, frozen_sharding = split_params(params_sharding, mask)
   abstract_trainable, _ = split_params(
       partitioned_step.with_sharding(abstract_params, params_sharding), mask)
-  opt_sharding = partitioner.opt_state_sharding(tx, abstract_trainable, trainable_sharding)
+  opt_sharding = partitioner.opt_state_sharding(tx, abstract_trainable, trainable_sharding,
+                                                tx_spec)
   state_sharding = partitioned_step.train_state_sharding(partitioner, trainable_sharding,
                                                          opt_sharding)
   return _Layout(abstract_params, params_sharding, mask, trainable_sharding,
@@ -265,7 +267,7 @@ def train(*, model, model_dir: str, train_dataset_cfg: data_iterator.DatasetConf
                                              on_nonfinite_loss, num_microbatches)
 
   layout = plan_layout(model, partitioner, tx, input_shapes(model, train_dataset_cfg),
-                       trainable_mode, trainable_overrides)
+                       trainable_mode, trainable_overrides, optimizer.spec)
   rng = jax.random.PRNGKey(random_seed)
   init_rng, dropout_rng = jax.random.split(rng)
   position = None
@@ -277,10 +279,10 @@ def train(*, model, model_dir: str, train_dataset_cfg: data_iterator.DatasetConf
     state = TrainState(step=restored["step"], trainable=trainable,
                        opt_state=restored["opt_state"])
   else:
-    def fresh_params(keep=None):
+    def fresh_params(keep=None, keep_key=None):
       return partitioned_step.init_params(partitioner, model, init_rng,
                                           input_shapes(model, train_dataset_cfg),
-                                          layout.params_sharding, keep=keep)
+                                          layout.params_sharding, keep=keep, keep_key=keep_key)
 
     def may_be_missing(path):
       """What a pretrained checkpoint may lack (the rest is never initialised)."""
@@ -305,7 +307,9 @@ def train(*, model, model_dir: str, train_dataset_cfg: data_iterator.DatasetConf
           partitioned_step.with_sharding(layout.abstract_params, layout.params_sharding),
           allow_missing=initial_checkpoint_allow_missing,
           ignore_unexpected=initial_checkpoint_ignore_unexpected,
-          init_fn=lambda: fresh_params(keep=may_be_missing),
+          init_fn=lambda: fresh_params(
+              keep=may_be_missing,
+              keep_key=("adapters and", tuple(initial_checkpoint_allow_missing))),
           frozen=lambda name: not mask[name] and not towers.fills(name),
           check_loaded=check_towers)
     else:
@@ -313,7 +317,8 @@ def train(*, model, model_dir: str, train_dataset_cfg: data_iterator.DatasetConf
       params = fresh_params()
     params = towers.fill(params)
     trainable, frozen = split_params(params, layout.mask)
-    opt_state = partitioned_step.init_opt_state(partitioner, tx, trainable, layout.opt_sharding)
+    opt_state = partitioned_step.init_opt_state(partitioner, tx, trainable, layout.opt_sharding,
+                                                optimizer.spec)
     state = TrainState(step=partitioned_step.replicate(partitioner, np.int32(0)),
                        trainable=trainable, opt_state=opt_state)
   logging.info("Parameters: %s trainable, %s frozen; optimizer state: %s values",
@@ -333,7 +338,9 @@ def train(*, model, model_dir: str, train_dataset_cfg: data_iterator.DatasetConf
   example = next(batches)
   jitted = partitioned_step.jit_train_step(
       partitioner, step_fn, layout.state_sharding, layout.frozen_sharding,
-      partitioner.batch_sharding(example))
+      partitioner.batch_sharding(example),
+      key=partitioned_step.train_step_key(model, optimizer, on_nonfinite_loss,
+                                          num_microbatches))
   rng_arg = partitioned_step.replicate(partitioner, dropout_rng)
   evaluator = None
   if eval_period and infer_eval_dataset_cfg is not None:
