@@ -329,7 +329,8 @@ def test_eval_through_gin_refuses_a_mixture_task_without_a_specialist_before_wri
   try:
     plan = gin.query_parameter("%MODEL").scoped_configurable_fn().adapters
     assert plan.specialist_adapter.kind == "task_lora" and plan.specialist_adapter.tasks == TASKS
-    with pytest.raises(ValueError, match=r"no specialist for the tasks \['mini_digits_qa_tiny', "):
+    with pytest.raises(ValueError,
+                       match=r"no specialist for the tasks \['mini_shapes_caption_tiny', "):
       eval_lib.evaluate()
     with pytest.raises(ValueError, match="CHECKPOINT_PATH='x' and SPECIALISTS are both set"):
       eval_lib.evaluate(checkpoint_path="x")

@@ -52,9 +52,9 @@ def test_loss_decreases_and_run_directory_has_checkpoints_logs_and_config(tiny_r
   assert sorted(os.listdir(model_dir / "checkpoints")) == ["10", "20", "30"]
   assert (model_dir / "adapters" / "30" / "adapters").is_dir()
   assert any(n.startswith("events.out.tfevents") for n in os.listdir(model_dir / "train"))
-  assert "MIXTURE_OR_TASK_NAME = 'mini_generalist_tiny'" in (model_dir / "config.gin").read_text()
+  assert "MIXTURE_OR_TASK_NAME = 'mini_trio_tiny'" in (model_dir / "config.gin").read_text()
   assert train_common.read_position(str(model_dir / "checkpoints" / "30")) == {
-      "batches_consumed": 30, "mixture_or_task_name": "mini_generalist_tiny", "split": "train",
+      "batches_consumed": 30, "mixture_or_task_name": "mini_trio_tiny", "split": "train",
       "batch_size": 8, "seed": 0, "process_count": 1,
       "task_feature_lengths": {"inputs": 16, "targets": 16}, "image_size": 16}
   assert sorted(os.listdir(model_dir / "checkpoints" / "30" / "data_iterator")) == [
@@ -242,7 +242,7 @@ def _from_two_hosts(step_dir, tmp_path):
 @pytest.mark.parametrize("case, overrides, edit, reason", [
     ("missing", {}, _without_iterator_state, "the checkpoint has no input iterator state"),
     ("task", {"MIXTURE_OR_TASK_NAME": "mini_shapes_count_tiny"}, None,
-     "mixture_or_task_name: 'mini_generalist_tiny' -> 'mini_shapes_count_tiny'"),
+     "mixture_or_task_name: 'mini_trio_tiny' -> 'mini_shapes_count_tiny'"),
     ("batch size", {"BATCH_SIZE": 16}, None, "batch_size: 8 -> 16"),
     ("seed", {"RANDOM_SEED": 1}, None, "seed: 0 -> 1"),
     ("host count", {}, _from_two_hosts, "process_count: 2 -> 1"),

@@ -4,6 +4,7 @@ Importing this module registers, for the `full` dataset config:
   mini_shapes_caption  mini_shapes_count  mini_shapes_color_qa  mini_shapes_spatial_qa
   mini_digits_qa  mini_photo_caption  mini_photo_qa  mini_text_read  mini_text_caption
   mini_generalist (mixture of the nine)
+  mini_trio (three of them: shapes_caption, shapes_count, text_read; smoke runs, tests)
 and the same names with a `_tiny` suffix for the `tiny` config (tests, smoke runs), e.g.
 `mini_generalist_tiny`. The dataset is generated into the data dir on first use (see
 `source.py` for where); `prepare()` or `python -m tasks.mini --config full` does it ahead
@@ -65,8 +66,18 @@ def task_name(subtask: str, config: str = "full") -> str:
   return f"mini_{subtask}{CONFIG_SUFFIXES[config]}"
 
 
+# One task of each kind (a caption scored by CIDEr, a short answer, a reading answer with
+# ANLS): a smoke run or a test covers every metric and postprocessor in a third of the
+# nine tasks' input pipelines and evaluation.
+TRIO_SUBTASKS = ("shapes_caption", "shapes_count", "text_read")
+
+
 def mixture_name(config: str = "full") -> str:
   return f"mini_generalist{CONFIG_SUFFIXES[config]}"
+
+
+def trio_name(config: str = "full") -> str:
+  return f"mini_trio{CONFIG_SUFFIXES[config]}"
 
 
 def register_mini_tasks(rates: Optional[Mapping[str, float]] = None) -> None:
@@ -78,6 +89,8 @@ def register_mini_tasks(rates: Optional[Mapping[str, float]] = None) -> None:
                        vocabulary="mini", **kwargs)
     register_vl_mixture(mixture_name(config),
                         {task_name(subtask, config): rates[subtask] for subtask in SUBTASKS})
+    register_vl_mixture(trio_name(config),
+                        {task_name(subtask, config): 1.0 for subtask in TRIO_SUBTASKS})
 
 
 register_mini_tasks()
