@@ -198,6 +198,33 @@ def test_digits_and_words_stay_legible_at_the_models_32px(subtask, min_rows):
     assert rows >= min_rows, (subtask, sample.answers)
 
 
+def test_a_spatial_answer_is_the_colour_drawn_on_the_side_the_question_names():
+  """Read off the pixels: the answer colour's centroid lies on the named side of the
+  other shape's, by at least the margin (mini_vl 1.2.0; the yes/no relations before it
+  were never learned)."""
+  from tasks.mini import common, shapes  # pylint: disable=g-import-not-at-top
+  for sample in mini_builder.samples(mini_builder.TINY, "shapes_spatial_qa", "validation"):
+    side = next(s for s in shapes.SIDES if f" {s} " in f" {sample.question[:-1]} ")
+    axis, sign = shapes.SIDES[side]
+    image = sample.render().astype(int)
+    centroids = {}
+    for name, rgb in common.COLORS.items():
+      ys, xs = np.nonzero((np.abs(image - rgb).sum(-1) < 10))
+      if len(xs) > 10:
+        centroids[name] = {"x": xs.mean(), "y": ys.mean()}
+    (answer,) = sample.answers
+    assert len(centroids) == 2 and answer in centroids, (sample.question, centroids)
+    other = next(c for c in centroids if c != answer)
+    lead = sign * (centroids[answer][axis] - centroids[other][axis])
+    assert lead >= shapes.SIDE_MARGIN - 2, (sample.question, answer, centroids)
+
+
+def test_counts_run_to_four_and_cover_every_answer():
+  answers = [int(s.answers[0]) for s in mini_builder.samples(mini_builder.FULL, "shapes_count",
+                                                              "validation")]
+  assert set(answers) == set(range(5))
+
+
 def test_vl_tasks_never_cache_their_source_in_memory(data_dir):
   # seqio (under 10,000 examples) and TFDS (small unshuffled splits) cache on their own;
   # evaluation then reads `num_examples` of the cache, tf.data throws the partial cache

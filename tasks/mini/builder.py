@@ -95,10 +95,13 @@ def examples(config: MiniVlConfig, subtask: str, split: str) -> Iterator[tuple[s
 class MiniVl(tfds.core.GeneratorBasedBuilder):
   """Offline mini VL benchmark: shapes, digits, photos and rendered text (see tasks/mini)."""
 
-  VERSION = tfds.core.Version("1.1.0")
+  VERSION = tfds.core.Version("1.2.0")
   RELEASE_NOTES = {"1.0.0": "Nine tasks over shapes, digits, photographs and text.",
                    "1.1.0": "Digits and text legible at the mini model's 32 px (see digits.py, "
-                            "text.py): both were at chance."}
+                            "text.py): both were at chance.",
+                   "1.2.0": "Counting (up to four shapes, all or one colour's) and spatial "
+                            "questions (the colour of the shape on one side) a model can "
+                            "learn (see shapes.py): both were at chance."}
   BUILDER_CONFIGS = [FULL, TINY]
 
   def _info(self) -> tfds.core.DatasetInfo:

@@ -2,7 +2,17 @@
 
 The four tasks lean on different things: captions need everything in the image and no
 question; counting needs the question to say what to count; colour questions need one
-object's colour; spatial questions need two objects and a relation named in the question.
+object's colour, found by its kind; spatial questions need one object's colour, found by
+its place in the scene (and answer in the colour task's words, not in its way).
+
+What the `mini` model (32 px, two layers a tower) learns in 300 steps on one task alone
+set the last two (mini_vl 1.2.0). Counting up to six shapes by colour or kind, and yes/no
+relations between two shapes named by colour and kind ("is the red circle left of the
+blue square?"), stayed at chance from scratch, and after 1000 steps for the relations
+(48.4% and 47.7% exact match; chance 36.8% and 49.4%). Now counts run to four and count
+all shapes or one colour's (53.9%, chance 39.8%), and the spatial question asks the colour
+of the shape on one side of a two-shape scene whose shapes are at least 12 px apart along
+that axis (47.7%, chance 18.0%).
 """
 from __future__ import annotations
 
@@ -18,10 +28,12 @@ from tasks.mini.common import BACKGROUNDS, COLORS, IMAGE_SIZE, Sample, choice
 
 SHAPES = ("circle", "square", "triangle")
 SIZES = {"small": (5, 7), "large": (10, 13)}  # half-widths in pixels
-NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six")
-RELATIONS = ("left of", "right of", "above", "below")
-# A relation holds (or fails) only when the centres are this far apart along its axis.
-RELATION_MARGIN = 5
+RELATIONS = ("left of", "right of", "above", "below")  # in two-shape captions
+MAX_COUNT = 4
+# Side -> (axis, sign): the shape on that side has the larger `sign * coordinate`.
+SIDES = {"left": ("x", -1), "right": ("x", 1), "top": ("y", -1), "bottom": ("y", 1)}
+# A spatial question is asked only when the two centres are this far apart along its axis.
+SIDE_MARGIN = 12
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,15 +109,6 @@ def _relation(a: Shape, b: Shape) -> str:
   return "above" if dy < 0 else "below"
 
 
-def _holds(relation: str, a: Shape, b: Shape) -> bool | None:
-  """True/False when clear-cut, None when the centres are too close to tell."""
-  delta = {"left of": b.x - a.x, "right of": a.x - b.x,
-           "above": b.y - a.y, "below": a.y - b.y}[relation]
-  if abs(delta) < RELATION_MARGIN:
-    return None
-  return delta > 0
-
-
 def _sample(shapes, background, question, answers, answer_type="") -> Sample:
   return Sample(render=functools.partial(render_scene, shapes, background), question=question,
                 answers=tuple(answers), answer_type=answer_type)
@@ -132,19 +135,14 @@ def caption_samples(rng: np.random.Generator, count: int) -> Iterator[Sample]:
 
 def count_samples(rng: np.random.Generator, count: int) -> Iterator[Sample]:
   for _ in range(count):
-    shapes, background = _scene(rng, int(rng.integers(1, 7)))
-    kind_of_question = int(rng.integers(3))
-    if kind_of_question == 0:
+    shapes, background = _scene(rng, int(rng.integers(1, MAX_COUNT + 1)))
+    if rng.random() < 0.5:
       question, answer = "how many shapes are there?", len(shapes)
-    # Three times in four, ask about a colour or kind that is present, so "0" stays rare.
-    elif kind_of_question == 1:
+    else:
+      # Three times in four, ask about a colour that is present, so "0" stays rare.
       color = choice(rng, [s.color for s in shapes] if rng.random() < 0.75 else tuple(COLORS))
       question = f"how many {color} shapes are there?"
       answer = sum(s.color == color for s in shapes)
-    else:
-      kind = choice(rng, [s.kind for s in shapes] if rng.random() < 0.75 else SHAPES)
-      question = f"how many {kind}s are there?"
-      answer = sum(s.kind == kind for s in shapes)
     yield _sample(shapes, background, question, [str(answer)], "number")
 
 
@@ -160,13 +158,15 @@ def color_samples(rng: np.random.Generator, count: int) -> Iterator[Sample]:
 def spatial_samples(rng: np.random.Generator, count: int) -> Iterator[Sample]:
   produced = 0
   while produced < count:
-    shapes, background = _scene(rng, int(rng.integers(2, 4)), distinct_names=True)
-    i, j = rng.choice(len(shapes), size=2, replace=False)
-    a, b = shapes[int(i)], shapes[int(j)]
-    relation = choice(rng, RELATIONS)
-    truth = _holds(relation, a, b)
-    if truth is None:
+    shapes, background = _scene(rng, 2)
+    a, b = shapes
+    side = choice(rng, tuple(SIDES))
+    axis, sign = SIDES[side]
+    lead = (getattr(a, axis) - getattr(b, axis)) * sign
+    if a.color == b.color or abs(lead) < SIDE_MARGIN:
       continue
-    question = f"is the {a.name} {relation} the {b.name}?"
+    target = a if lead > 0 else b
+    question = choice(rng, (f"what color is the shape on the {side}?",
+                            f"what is the color of the {side} shape?"))
     produced += 1
-    yield _sample(shapes, background, question, ["yes" if truth else "no"], "yes/no")
+    yield _sample(shapes, background, question, [target.color], "other")
