@@ -7,6 +7,7 @@ failure checks read it.
 import json
 import os
 import re
+import shutil
 import sys
 
 import pytest
@@ -19,7 +20,8 @@ train_common.enable_compilation_cache()
 import gin  # noqa: E402
 
 from omni_smola import launching  # noqa: E402
-from omni_smola.studies import markers, runner  # noqa: E402
+import tasks.mini  # noqa: E402
+from omni_smola.studies import execute, markers, runner  # noqa: E402
 from omni_smola.studies.spec import StudyConfigError  # noqa: E402
 from omni_smola.training import program_cache  # noqa: E402
 
@@ -153,6 +155,27 @@ def test_a_rerun_trains_nothing_that_finished(first_run, study_files):
   assert second["runs"] == {"trained": 0, "skipped": 3, "failed": 1}
   assert {p: os.path.getmtime(p) for p in study_dir.rglob(markers.DONE)} == done
   assert second["arms"]["omni"]["tasks"] == first["arms"]["omni"]["tasks"]
+
+
+def test_a_run_finished_on_other_data_is_refused_before_anything_trains(first_run,
+                                                                        study_files, tmp_path):
+  """A finished run that read another version of its dataset (mini_vl 1.1.0 where the tasks
+  read 1.2.0 now) would slip its old scores into today's tables: the study stops, naming it."""
+  study_dir, _ = first_run
+  copy = tmp_path / "study"
+  shutil.copytree(study_dir, copy)
+  marker = copy / "omni" / "seed_0" / markers.DONE
+  record = json.loads(marker.read_text())
+  assert record["data"] == {t: "mini_vl/tiny:" + str(tasks.mini.MiniVl.VERSION) for t in TASKS}
+  record["data"] = {t: "mini_vl/tiny:1.1.0" for t in TASKS}
+  marker.write_text(json.dumps(record))
+  failed = markers.failed(str(copy / "diverges" / "seed_0"))
+  with pytest.raises(execute.StaleRunError,
+                     match=r"omni/seed_0 finished on other data .*mini_vl/tiny:1\.1\.0.*"
+                           r"new --study_dir"):
+    runner.run_study(load_study(study_files), str(copy), quick=True)
+  # Refused before training: the failed arm was not retried.
+  assert markers.failed(str(copy / "diverges" / "seed_0")) == failed
 
 
 @pytest.mark.parametrize("binding, message", [

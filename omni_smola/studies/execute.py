@@ -13,6 +13,7 @@ from typing import Any, Dict, Sequence
 
 from absl import logging
 import gin
+import seqio
 
 from omni_smola.evaluation import evaluator, tables
 from omni_smola.studies import configure, markers
@@ -27,6 +28,41 @@ class RunFailedError(RuntimeError):
 
 class StudyPreemptedError(RuntimeError):
   """A run stopped on SIGTERM (a preemption): the study stops too, to be run again."""
+
+
+class StaleRunError(RuntimeError):
+  """A finished run read other data than the study's tasks read now."""
+
+
+def data_versions(mixture: str) -> Dict[str, str]:
+  """{task: the TFDS dataset it reads, with its version} over a mixture's tasks (a source
+  that is not TFDS: its class name)."""
+  versions = {}
+  for task in seqio.get_subtasks(seqio.get_mixture_or_task(mixture)):
+    dataset = getattr(task.source, "tfds_dataset", None)
+    versions[task.name] = dataset.name if dataset is not None else type(task.source).__name__
+  return versions
+
+
+def check_finished_runs_read_todays_data(runs: Sequence[Run], study_dir: str) -> None:
+  """Refuses a study whose finished runs trained on another version of their data.
+
+  A rerun skips finished runs; one trained on an older dataset (mini_vl 1.1.0 where the
+  tasks now read 1.2.0) would put its old scores in today's tables without a word.
+  """
+  for run in runs:
+    run_dir = os.path.join(study_dir, run.directory)
+    record = markers.done(run_dir)
+    if record is None:
+      continue
+    now = data_versions(run.mixture)
+    if record.get("data") != now:
+      recorded = record.get("data") or "nothing (written before runs recorded their data)"
+      raise StaleRunError(
+          f"{run.label} finished on other data than its tasks read now: its "
+          f"{markers.DONE} records {recorded}, the tasks read {now}. Give the study a new "
+          f"--study_dir, or delete {run_dir} (and the runs that start from it) to train it "
+          "again.")
 
 
 def _final_metrics(result, model_dir: str) -> Dict[str, Any]:
@@ -70,7 +106,7 @@ def _train(study: Study, run: Run, study_dir: str) -> Dict[str, Any]:
                               "study again to resume it")
   step, metrics = _final_metrics(result, model_dir)
   return {"arm": run.arm.name, "seed": run.seed, "task": run.task, "step": step,
-          "metrics": metrics, "scores": scores_of(metrics),
+          "data": data_versions(run.mixture), "metrics": metrics, "scores": scores_of(metrics),
           "wall_seconds": time.time() - start,
           "config": configure.recorded_config(gin_files, bindings)}
 
@@ -86,6 +122,7 @@ def execute(study: Study, runs: Sequence[Run], study_dir: str) -> Dict[str, int]
 
 
 def _execute(study: Study, runs: Sequence[Run], study_dir: str) -> Dict[str, int]:
+  check_finished_runs_read_todays_data(runs, study_dir)
   counts = {"trained": 0, "skipped": 0, "failed": 0}
   for index, run in enumerate(runs):
     run_dir = os.path.join(study_dir, run.directory)
