@@ -5,7 +5,6 @@ import os
 import pathlib
 import shutil
 import signal
-import subprocess
 import sys
 
 import numpy as np
@@ -110,38 +109,36 @@ def test_frozen_parameters_get_no_optimizer_state_and_never_change(tiny_run):
 
 def test_sigterm_saves_a_checkpoint_and_a_resumed_run_matches_an_uninterrupted_one(
     tmp_path, data_dir, tiny_run, caplog):
-  # The train binary, as a real process, continues the shared run from its step-10
-  # checkpoint and gets SIGTERM once step 11 is logged: it saves and exits 0.
+  # A run continues the shared run from its step-10 checkpoint, and this process gets
+  # SIGTERM once step 11 is done: the trainer's handler (installed for the run, as in the
+  # train binary) makes it save and return, preempted. Without the handler the signal
+  # would end the test process.
   straight_dir, _ = tiny_run
   preempted = tmp_path / "preempted"
   shutil.copytree(straight_dir / "checkpoints" / "10", preempted / "checkpoints" / "10")
-  argv = train_common.binary_command("train", data_dir, MODEL_DIR=str(preempted),
-                                     TRAIN_STEPS=1000, CHECKPOINT_PERIOD=1000)
-  argv.append("--gin_bindings=omni_smola.training.trainer.train.log_period = 1")
-  process = subprocess.Popen(argv, env=train_common.binary_env(), cwd=train_common.REPO,
-                             stderr=subprocess.PIPE, text=True)
-  lines = []
-  for line in process.stderr:
-    lines.append(line)
-    if "step 11/1000" in line:
-      process.send_signal(signal.SIGTERM)
-      break
-  _, rest = process.communicate(timeout=300)
-  output = "".join(lines) + (rest or "")
-  assert process.returncode == 0, output[-3000:]
-  stopped = max(int(n) for n in os.listdir(preempted / "checkpoints"))
-  assert "Preempted" in output and 11 <= stopped < 20, (stopped, output[-2000:])
-  assert train_common.read_position(str(preempted / "checkpoints" / str(stopped)))[
-      "batches_consumed"] == stopped
 
-  # Resumed here to step 20, from the input iterator's state the binary saved when it
-  # stopped, it holds what the uninterrupted run held at step 20 (the rsqrt schedule
+  def terminate_after_step_11(step):
+    if step == 11:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  handler_before = signal.getsignal(signal.SIGTERM)
+  caplog.set_level(logging.WARNING)
+  stopped_run = train(preempted, data_dir, callbacks=(terminate_after_step_11,),
+                      TRAIN_STEPS=1000, CHECKPOINT_PERIOD=1000)
+  assert stopped_run.preempted and stopped_run.step == 11
+  assert any("Preempted: checkpoint of step 11 saved" in r.getMessage() for r in caplog.records)
+  assert sorted(os.listdir(preempted / "checkpoints")) == ["10", "11"]
+  assert train_common.read_position(str(preempted / "checkpoints" / "11"))[
+      "batches_consumed"] == 11
+  assert signal.getsignal(signal.SIGTERM) == handler_before  # the run's handler is gone
+
+  # Resumed to step 20, from the input iterator's state saved when it stopped, it holds what the uninterrupted run held at step 20 (the rsqrt schedule
   # does not depend on TRAIN_STEPS, so 1000 vs 30 changes nothing).
   caplog.set_level(logging.INFO)
   resumed = train(preempted, data_dir, TRAIN_STEPS=20, CHECKPOINT_PERIOD=1000)
   assert resumed.step == 20 and not resumed.preempted
   restored = [r.getMessage() for r in caplog.records if "input iterator" in r.getMessage()]
-  assert restored == [f"Restored the input iterator's state: continuing after batch {stopped} "
+  assert restored == ["Restored the input iterator's state: continuing after batch 11 "
                       "without replaying"], restored
   got = train_common.read_params(str(preempted / "checkpoints" / "20"))
   want = train_common.read_params(str(straight_dir / "checkpoints" / "20"))
