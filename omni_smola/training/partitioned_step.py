@@ -165,7 +165,7 @@ def jit_train_step(partitioner: Partitioner, train_step: Callable, state_shardin
   """
   replicated = partitioner.replicated()
   jitted = program_cache.jit(
-      None if key is None else (partitioner.key,) + tuple(key), train_step,
+      _under(partitioner, key), train_step,
       in_shardings=(state_sharding, frozen_sharding, batch_sharding, replicated),
       out_shardings=(state_sharding, replicated), donate_argnums=(0,))
 
@@ -183,7 +183,7 @@ def jit_params_fn(partitioner: Partitioner, fn: Callable, params_sharding,
   """`fn(params, batch)` jitted with sharded inputs and replicated outputs (`key`: what
   `fn` computes, to share it within `program_cache.shared_programs()`)."""
   jitted = program_cache.jit(
-      None if key is None else (partitioner.key,) + tuple(key), fn,
+      _under(partitioner, key), fn,
       in_shardings=(params_sharding, batch_sharding), out_shardings=partitioner.replicated())
 
   def run(params, batch):
@@ -215,11 +215,17 @@ def init_params(partitioner: Partitioner, model, rng, input_shapes, params_shard
 
   # Outside the rules: `out_shardings` lays the parameters out, so no constraint is
   # needed inside the init.
-  key = (("init_params", partitioner.key, model.fingerprint, _shapes_key(input_shapes),
-          "all" if keep is None else keep_key))
-  jitted = program_cache.jit(key, init, out_shardings=subtree(params_sharding))
+  key = ("init_params", model.fingerprint, _shapes_key(input_shapes),
+         "all" if keep is None else keep_key)
+  jitted = program_cache.jit(_under(partitioner, key), init,
+                             out_shardings=subtree(params_sharding))
   with jax.set_mesh(partitioner.mesh):
     return jitted(rng)
+
+
+def _under(partitioner: Partitioner, key: Optional[Tuple[Any, ...]]):
+  """A program's `program_cache` key under `partitioner` (None stays None: not shared)."""
+  return None if key is None else (partitioner.key,) + tuple(key)
 
 
 def _shapes_key(input_shapes) -> Tuple[Any, ...]:
