@@ -38,7 +38,7 @@ from flax import traverse_util
 from omni_smola import mome_accounting, param_layout, trace_records
 from omni_smola.nn import SLOT_NAMES, AdapterSpec
 from omni_smola.nn import accounting as adapter_accounting
-from omni_smola.training import optimizers, partitioned_step
+from omni_smola.training import optimizers, partitioned_step, program_cache
 from omni_smola.training.train_state import split_params
 
 STACKS = ("vision", "encoder", "decoder", "embedding")
@@ -122,7 +122,7 @@ def abstract_params(model, layout: TokenLayout
   vision = model.config.vision
   scanned = model.config.text.scan_layers or (vision is not None and vision.scan_layers)
   no_jit = contextlib.nullcontext() if scanned else jax.disable_jit()
-  with no_jit, trace_records.recording() as records:
+  with no_jit, program_cache.unshared(), trace_records.recording() as records:
     params = partitioned_step.abstract_variables(model, shapes)["params"]
   return params, records
 

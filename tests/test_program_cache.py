@@ -107,6 +107,18 @@ def test_model_fingerprints_differ_with_adapters_and_with_what_layers_read_from_
   assert fingerprint() != before
 
 
+def test_the_accounting_traces_its_model_inside_a_sharing_scope_too():
+  """The accounting reads what tracing records: a study's second arm of one model, whose
+  abstract variables the first arm's run had shared, was refused as having no traced
+  projections."""
+  from omni_smola import accounting  # pylint: disable=g-import-not-at-top
+  model = model_lib.PaliModel("tiny", AdapterSpec(kind="lora"))
+  alone = accounting.account_model(model)
+  with program_cache.shared_programs():
+    for _ in range(2):  # the first would share its trace with the second
+      assert accounting.account_model(model) == alone
+
+
 def test_train_step_keys_follow_the_model_the_optimizer_and_the_nonfinite_policy():
   model = model_lib.PaliModel("tiny", AdapterSpec(kind="lora"))
   optimizer = optimizers.create_optimizer(learning_rate=1e-2)

@@ -24,6 +24,7 @@ import tasks.mini  # noqa: E402
 from omni_smola.studies import execute, markers, runner  # noqa: E402
 from omni_smola.studies.spec import StudyConfigError  # noqa: E402
 from omni_smola.training import program_cache  # noqa: E402
+from run_fixtures import shared_programs  # noqa: E402,F401  (a fixture)
 
 PAIR_MODULE = "study_test_pair"
 PAIR = "study_test_pair_tiny"
@@ -63,6 +64,12 @@ diverges/omni_smola.studies.spec.Arm:
                     # the tiny pipeline's iterator state is 32 MB a checkpoint
                     "omni_smola.training.checkpointing.CheckpointConfig.save_data_iterator":
                         False}}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def programs_shared_by_the_module(shared_programs):
+  """The rerun and the refusals run the first run's arms: its programs serve them."""
+  del shared_programs
 
 
 @pytest.fixture(scope="module")

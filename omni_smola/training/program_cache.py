@@ -60,6 +60,21 @@ def shared_programs():
       _programs.clear()
 
 
+@contextlib.contextmanager
+def unshared():
+  """Within: every program is built anew, inside a sharing scope too, and kept by nobody.
+
+  For callers that read what tracing records (the accounting's `trace_records`): a shared
+  program would hand them a result without the trace.
+  """
+  global _depth
+  saved, _depth = _depth, 0
+  try:
+    yield
+  finally:
+    _depth = saved
+
+
 def sharing() -> bool:
   return _depth > 0
 
