@@ -58,6 +58,11 @@ flags.DEFINE_integer("experts_per_group", None,
                      "Overrides Omni-SMoLA's experts per group (mm, vis, txt); the gin file "
                      "says 16.")
 FLAGS = flags.FLAGS
+# The binaries' flags (omni_smola.launching) that the demo cannot honour: each phase picks
+# its own gin files, data directory and single process. --gin_bindings it honours: they
+# follow the demo's own bindings in every phase (training, evaluation and the LoRA rank).
+NOT_FOR_THE_DEMO = ("gin_file", "gin_search_paths", "tfds_data_dir", "coordinator_address",
+                    "process_count", "process_index")
 
 # (run name, experiment, adapters include for evaluation, label in the table); `lora`'s
 # label gets its rank, which matches Omni-SMoLA's trainable parameters.
@@ -79,9 +84,10 @@ EVAL_RECORD = "demo_eval.json"
 
 
 def _configure(gin_files: Sequence[str], bindings: Dict[str, object]) -> None:
-  """Gin as the binaries set it from --gin_file and --gin.NAME=VALUE."""
+  """Gin as the binaries set it from --gin_file and --gin.NAME=VALUE, then --gin_bindings."""
   gin.clear_config()
-  launching.parse_gin(list(gin_files), [f"{k} = {v!r}" for k, v in bindings.items()],
+  launching.parse_gin(list(gin_files),
+                      [f"{k} = {v!r}" for k, v in bindings.items()] + FLAGS.gin_bindings,
                       [launching.REPO_GIN_CONFIGS])
 
 
@@ -138,7 +144,7 @@ def _evaluate(name: str, adapters: str, run_dir: str,
     bindings["EVAL_NUM_EXAMPLES"] = FLAGS.eval_examples
   step = checkpointing.step_of(checkpointing.resolve_checkpoint(bindings["CHECKPOINT_PATH"]))
   settings = {"step": step, "data_config": FLAGS.data_config,
-              "eval_examples": FLAGS.eval_examples}
+              "eval_examples": FLAGS.eval_examples, "gin_bindings": FLAGS.gin_bindings}
   record_path = os.path.join(output_dir, EVAL_RECORD)
   if os.path.exists(record_path):
     with open(record_path) as f:
@@ -226,6 +232,10 @@ def _run_phases(run_dir: str) -> str:
 def main(argv):
   if len(argv) > 1:
     raise SystemExit(f"unexpected arguments: {argv[1:]}")
+  given = [f"--{name}" for name in NOT_FOR_THE_DEMO if FLAGS[name].present]
+  if given:
+    raise SystemExit(f"the demo does not take {', '.join(given)}: its phases choose their own "
+                     "gin files, data and process (--gin_bindings apply to every phase)")
   logging.set_verbosity(logging.INFO)
   console.quiet_terminal()
   launching.start_log_file(os.path.abspath(FLAGS.run_dir), "demo")

@@ -19,11 +19,16 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASKS = ("digits_qa", "photo_caption", "photo_qa", "shapes_caption", "shapes_color_qa",
          "shapes_count", "shapes_spatial_qa", "text_caption", "text_read")
 COLUMNS = ("backbone", "backbone + FT", "LoRA-{rank}", "Omni-SMoLA")
-# Omni-SMoLA with 2 experts per group on every projection of `mini` trains 240,730
-# parameters; a LoRA on the same projections 10,752 per rank: the demo's LoRA gets rank 22.
+# `mini` with one layer per stack (--gin_bindings), which halves what the demo traces and
+# compiles: Omni-SMoLA with 2 experts per group on its every projection trains 120,365
+# parameters; a LoRA on the same projections 5,376 per rank: the demo's LoRA gets rank 22.
 MATCHED_LORA_RANK = 22
-DEMO_FLAGS = ("--data_config=tiny --pretrain_steps=2 --generalist_steps=2 --eval_examples=2 "
-              "--experts_per_group=2")
+ONE_LAYER_PER_STACK = ("omni_smola.models.configs.T5Config.num_encoder_layers=1",
+                       "omni_smola.models.configs.T5Config.num_decoder_layers=1",
+                       "omni_smola.models.configs.ViTConfig.depth=1")
+DEMO_FLAGS = " ".join(["--data_config=tiny --pretrain_steps=2 --generalist_steps=2",
+                       "--eval_examples=2 --experts_per_group=2",
+                       *(f"--gin_bindings={binding}" for binding in ONE_LAYER_PER_STACK)])
 # A terminal log line (console.TERMINAL_FORMAT): level, date, time, the file that logged it.
 LOG_LINE = re.compile(r"^[IWEF]\d{4} [\d:]+ ([\w.]+):\d+\] ")
 
@@ -114,3 +119,25 @@ def test_a_second_demo_skips_what_is_done_and_prints_the_same_table(first_and_se
   assert table_rows(second.stdout) == table_rows(first.stdout)
   assert second.stderr.count("nothing to train") == len(COLUMNS), second.stderr[-3000:]
   assert second.stderr.count("evaluated before") == len(COLUMNS), second.stderr[-3000:]
+
+
+def test_gin_bindings_reach_every_phase(first_and_second, run_dir):
+  del first_and_second
+  for name in ("backbone", "continued_ft", "lora", "omni_smola"):
+    operative = open(os.path.join(REPO, run_dir, name, "config.gin")).read()
+    for binding in ONE_LAYER_PER_STACK:
+      field, value = binding.rsplit("=", 1)
+      class_and_field = ".".join(field.split(".")[-2:])  # MODEL/T5Config.num_... = 1
+      assert re.search(rf"\b{class_and_field} = {value}$", operative, re.M), (name, binding)
+
+
+def test_the_binaries_flags_the_demo_cannot_honour_are_refused_before_anything_is_written(
+    tmp_path):
+  run_dir = tmp_path / "demo"
+  result = subprocess.run(
+      [sys.executable, "-m", "omni_smola.demo", f"--run_dir={run_dir}", "--gin_file=x.gin",
+       "--tfds_data_dir=/tmp/data"], cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode != 0
+  assert "the demo does not take --gin_file, --tfds_data_dir" in result.stderr, (
+      result.stderr[-2000:])
+  assert not run_dir.exists()
