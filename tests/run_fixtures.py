@@ -1,4 +1,6 @@
 """Fixtures of the tests that train the tiny config (import them into a test module)."""
+import collections
+
 import gin
 import pytest
 
@@ -19,11 +21,17 @@ def clean_gin():
   gin.clear_config()
 
 
+# The programs of the modules that use `shared_programs`, kept from one to the next of a
+# test process.
+PROGRAMS_OF_THE_PROCESS = collections.OrderedDict()
+
+
 @pytest.fixture(scope="module")
 def shared_programs():
-  """The module's runs share their programs (`program_cache`), as a study's runs do: make
-  it autouse in a module whose runs are of one config (their bit-identical comparisons
-  then hold with the programs shared)."""
+  """The module's runs share their programs (`program_cache`), as a study's runs do, with
+  the other modules of the process that use this fixture: make it autouse in a module
+  whose runs are of fixed code (no layer patched) and whose bit-identical comparisons
+  hold with the programs shared."""
   from omni_smola.training import program_cache  # pylint: disable=g-import-not-at-top
-  with program_cache.shared_programs():
+  with program_cache.shared_programs(PROGRAMS_OF_THE_PROCESS):
     yield

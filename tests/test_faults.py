@@ -96,13 +96,15 @@ def reference(tmp_path_factory, data_dir):
 
 # The runs here resume by skipping (the reference's step 10 and 30 carry iterator states;
 # later steps do not): writing the tiny pipeline's 32 MB iterator state at every step
-# was most of these tests' time, and the state's own resume is test_train's.
-NO_ITERATOR_STATE = {"omni_smola.training.checkpointing.CheckpointConfig.save_data_iterator":
-                     False}
+# was most of these tests' time, and the state's own resume is test_train's. Nor do they
+# export the adapters (a second Orbax save per step; test_train checks the export).
+LEAN_CHECKPOINTS = {
+    "omni_smola.training.checkpointing.CheckpointConfig.save_data_iterator": False,
+    "omni_smola.training.checkpointing.CheckpointConfig.export_adapters": False}
 
 
 def _train(model_dir, data_dir, **overrides):
-  train_common.configure(str(model_dir), data_dir, **{**NO_ITERATOR_STATE, **overrides})
+  train_common.configure(str(model_dir), data_dir, **{**LEAN_CHECKPOINTS, **overrides})
   return trainer.train()
 
 
@@ -210,7 +212,7 @@ class _Binary:
   def __init__(self, model_dir, data_dir):
     argv = train_common.binary_command("train", data_dir, MODEL_DIR=str(model_dir),
                                        TRAIN_STEPS=1000, CHECKPOINT_PERIOD=1,
-                                       **NO_ITERATOR_STATE)
+                                       **LEAN_CHECKPOINTS)
     argv.append("--gin_bindings=omni_smola.training.trainer.train.log_period = 1")
     self.process = subprocess.Popen(argv, env=train_common.binary_env(), cwd=train_common.REPO,
                                     stderr=subprocess.PIPE, text=True)
@@ -363,7 +365,8 @@ def test_a_failed_checkpoint_write_stops_the_run_and_keeps_the_previous_checkpoi
   monkeypatch.setattr(iterator_state.DataIteratorHandler, "async_save", disk_full_at_19)
   with pytest.raises(checkpointing.CheckpointWriteError) as error:
     _train(tmp_path, data_dir, TRAIN_STEPS=20, CHECKPOINT_PERIOD=1,
-           **{key: True for key in NO_ITERATOR_STATE})  # the write that fails
+           **{"omni_smola.training.checkpointing.CheckpointConfig.save_data_iterator":
+              True})  # the write that fails
   message = str(error.value)
   assert "writing the checkpoint of step 19 " in message, message
   assert "No space left on device" in message, message

@@ -1,6 +1,7 @@
 """Programs shared between the runs of one process (omni_smola/training/program_cache.py):
 shared only inside the scope, only for equal keys, never for parts without value identity;
 and the fingerprints tell apart every setting the programs depend on."""
+import collections
 import os
 import re
 
@@ -46,6 +47,28 @@ def test_programs_are_shared_only_inside_the_scope_and_only_for_equal_keys():
                    "fresh"]
 
 
+def test_a_store_keeps_the_programs_from_one_scope_to_the_next_and_unshared_builds_anew():
+  store, built = collections.OrderedDict(), []
+
+  def build(name):
+    return lambda: built.append(name) or name
+
+  with program_cache.shared_programs(store):
+    assert program_cache.get_or_build(("k",), build("first")) == "first"
+    with program_cache.unshared():
+      assert program_cache.get_or_build(("k",), build("unshared")) == "unshared"
+      with program_cache.shared_programs():  # a scope of its own, which leaves `store` be
+        assert program_cache.get_or_build(("k",), build("inner")) == "inner"
+    assert program_cache.get_or_build(("k",), build("again")) == "first"
+  assert not program_cache.sharing() and list(store) == [("k",)]
+  assert program_cache.get_or_build(("k",), build("outside")) == "outside"
+  with program_cache.shared_programs(store):
+    assert program_cache.get_or_build(("k",), build("kept")) == "first"
+  with program_cache.shared_programs():
+    assert program_cache.get_or_build(("k",), build("without the store")) == "without the store"
+  assert built == ["first", "unshared", "inner", "outside", "without the store"]
+
+
 def test_a_shared_jit_is_one_program_and_another_key_or_sharding_is_another():
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -81,6 +104,12 @@ def test_schedules_are_values_that_keep_their_numbers():
   assert cosine == optimizers.learning_rate_schedule("cosine", 1.0, 10, 110, 0.1)
   np.testing.assert_allclose([float(cosine(s)) for s in (0, 5, 10, 60, 110, 500)],
                              [0.0, 0.5, 1.0, 0.55, 0.1, 0.1], rtol=1e-6)
+  assert cosine != optimizers.learning_rate_schedule("cosine", 1.0, 10, 120, 0.1)
+  # rsqrt does not read the run's length: runs of 30 and 1000 steps share a train step.
+  rsqrt = optimizers.learning_rate_schedule("rsqrt", 1.0, warmup_steps=10, total_steps=30)
+  assert rsqrt == optimizers.learning_rate_schedule("rsqrt", 1.0, 10, total_steps=1000)
+  np.testing.assert_allclose([float(rsqrt(s)) for s in (5, 10, 40)], [0.5, 1.0, 0.5],
+                             rtol=1e-6)
 
 
 @pytest.fixture

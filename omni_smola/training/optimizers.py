@@ -84,6 +84,10 @@ def learning_rate_schedule(kind: str = "rsqrt", peak_value: float = 1e-2,
   if kind in ("cosine", "linear") and not total_steps:
     raise ValueError(f"learning_rate_schedule.kind={kind!r} needs total_steps "
                      "(bind it to %TRAIN_STEPS)")
+  if kind in ("constant", "rsqrt"):
+    # Neither reads them: runs of different lengths then have equal schedules, and share
+    # their train step (`program_cache`).
+    total_steps, final_fraction = None, 0.0
   return LearningRateSchedule(kind, peak_value, warmup_steps, total_steps, final_fraction)
 
 

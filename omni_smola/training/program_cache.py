@@ -48,16 +48,26 @@ def tree_key(tree) -> Optional[Hashable]:
 
 
 @contextlib.contextmanager
-def shared_programs():
-  """Within: programs with equal keys are built once; leaving the outermost drops them."""
-  global _depth
+def shared_programs(store: "Optional[collections.OrderedDict]" = None):
+  """Within: programs with equal keys are built once; leaving the outermost drops them.
+
+  `store`, given to the outermost scope, holds its programs instead and keeps them after
+  it: a caller that opens scopes one after another over fixed code (a test session's
+  modules) shares programs between them too.
+  """
+  global _depth, _programs
+  outermost = _depth == 0
+  if outermost and store is not None:
+    _programs = store
   _depth += 1
   try:
     yield
   finally:
     _depth -= 1
     if _depth == 0:
-      _programs.clear()
+      if store is None:
+        _programs.clear()
+      _programs = collections.OrderedDict()
 
 
 @contextlib.contextmanager
@@ -67,12 +77,13 @@ def unshared():
   For callers that read what tracing records (the accounting's `trace_records`): a shared
   program would hand them a result without the trace.
   """
-  global _depth
-  saved, _depth = _depth, 0
+  global _depth, _programs
+  saved = _depth, _programs
+  _depth, _programs = 0, collections.OrderedDict()
   try:
     yield
   finally:
-    _depth = saved
+    _depth, _programs = saved
 
 
 def sharing() -> bool:

@@ -5,9 +5,9 @@ Usage: train_mesh.py DATA_DIR WORK_DIR (DATA_DIR is not read: the task is synthe
 1. One device and a (data=4, model=2) mesh train the same 3 steps: the same losses
    and parameters. Prints `LOSSES <mesh> <json>` per run.
 2. Elastic restore (DESIGN.md 6.2): the (4, 2) run's step-2 checkpoint resumes on
-   (2, 4), (8, 1) and one device. The restored parameters and optimizer state equal
-   what the (4, 2) run saved, laid out on the new mesh, and the next step reaches the
-   (4, 2) run's step-3 loss and parameters. Prints `LOSS <mesh> <loss>` per resume.
+   (2, 4) (every array laid out anew) and one device (every array gathered). The
+   restored parameters and optimizer state equal what the (4, 2) run saved, laid out on
+   the new mesh, and the next step reaches the (4, 2) run's step-3 loss and parameters. Prints `LOSS <mesh> <loss>` per resume.
 3. A (1, 8) mesh cannot split the 4 attention heads: the resume fails naming them,
    before anything is written.
 
@@ -27,7 +27,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from omni_smola import partitioning  # noqa: E402
-from omni_smola.training import checkpointing, partitioned_step, trainer  # noqa: E402
+from omni_smola.training import checkpointing, partitioned_step, program_cache  # noqa: E402
+from omni_smola.training import trainer  # noqa: E402
 
 assert jax.device_count() == 8, jax.devices()
 work_dir = sys.argv[2]
@@ -93,42 +94,44 @@ def recording_restore(self, step, abstract_state):
 checkpointing.RunCheckpointer.save = recording_save
 checkpointing.RunCheckpointer.restore = recording_restore
 
-# 1. One device and (4, 2) from scratch.
-trajectories, dirs = {}, {}
-for name, shape in (("one_device", (1, 1)), ("data4_model2", (4, 2))):
-  dirs[name], result = train(name, shape)
-  trajectories[name] = [loss for _, loss in result.loss_history]
-  print("LOSSES", name, json.dumps(trajectories[name]), flush=True)
-one, sharded = trajectories["one_device"], trajectories["data4_model2"]
-assert len(one) == STEPS, one
-np.testing.assert_allclose(sharded, one, rtol=2e-4, atol=2e-4)
-assert_params_close(dirs["data4_model2"], dirs["one_device"], "data4_model2")
+# The runs on one mesh share their programs (the one-device resume, the one-device run's).
+with program_cache.shared_programs():
+  # 1. One device and (4, 2) from scratch.
+  trajectories, dirs = {}, {}
+  for name, shape in (("one_device", (1, 1)), ("data4_model2", (4, 2))):
+    dirs[name], result = train(name, shape)
+    trajectories[name] = [loss for _, loss in result.loss_history]
+    print("LOSSES", name, json.dumps(trajectories[name]), flush=True)
+  one, sharded = trajectories["one_device"], trajectories["data4_model2"]
+  assert len(one) == STEPS, one
+  np.testing.assert_allclose(sharded, one, rtol=2e-4, atol=2e-4)
+  assert_params_close(dirs["data4_model2"], dirs["one_device"], "data4_model2")
 
-# 2. The (4, 2) step-2 checkpoint resumed on other meshes.
-saved_dir = os.path.join(dirs["data4_model2"], "checkpoints", str(SAVED))
-for name, shape in (("resumed_data2_model4", (2, 4)), ("resumed_data8", (8, 1)),
-                    ("resumed_one_device", (1, 1))):
-  model_dir, result = train(name, shape, from_checkpoint=saved_dir)
-  jax.tree_util.tree_map_with_path(
-      lambda path, new, old: np.testing.assert_array_equal(
-          new, old, err_msg=f"{name}: {jax.tree_util.keystr(path)}"),  # pylint: disable=cell-var-from-loop
-      recorded.pop("restored"), recorded["saved"])
-  assert recorded["meshes"] == {shape}, (name, recorded["meshes"])
-  assert [step for step, _ in result.loss_history] == [STEPS], result.loss_history
-  print("LOSS", name, result.loss_history[0][1], flush=True)
-  np.testing.assert_allclose(result.loss_history[0][1], sharded[-1], rtol=2e-4, atol=2e-4)
-  assert_params_close(model_dir, dirs["data4_model2"], name)
+  # 2. The (4, 2) step-2 checkpoint resumed on other meshes.
+  saved_dir = os.path.join(dirs["data4_model2"], "checkpoints", str(SAVED))
+  for name, shape in (("resumed_data2_model4", (2, 4)), ("resumed_one_device", (1, 1))):
+    model_dir, result = train(name, shape, from_checkpoint=saved_dir)
+    jax.tree_util.tree_map_with_path(
+        lambda path, new, old, run=name: np.testing.assert_array_equal(
+            new, old, err_msg=f"{run}: {jax.tree_util.keystr(path)}"),
+        recorded.pop("restored"), recorded["saved"])
+    assert recorded["meshes"] == {shape}, (name, recorded["meshes"])
+    assert [step for step, _ in result.loss_history] == [STEPS], result.loss_history
+    print("LOSS", name, result.loss_history[0][1], flush=True)
+    np.testing.assert_allclose(result.loss_history[0][1], sharded[-1], rtol=2e-4, atol=2e-4)
+    assert_params_close(model_dir, dirs["data4_model2"], name)
 
-# 3. (1, 8) cannot split 4 attention heads over `model`.
-model_dir = os.path.join(work_dir, "resumed_data1_model8")
-shutil.copytree(saved_dir, os.path.join(model_dir, "checkpoints", str(SAVED)))
-before = sorted(os.walk(model_dir))
-try:
-  train("resumed_data1_model8", (1, 8))
-except partitioning.MeshDoesNotFitError as e:
-  message = str(e)
-else:
-  raise AssertionError("a (1, 8) mesh trained a model with 4 attention heads")
-assert "mesh (data=1, model=8)" in message and "'heads', size 4) over model=8" in message, message
-assert sorted(os.walk(model_dir)) == before, "the failed resume wrote to MODEL_DIR"
+  # 3. (1, 8) cannot split 4 attention heads over `model`.
+  model_dir = os.path.join(work_dir, "resumed_data1_model8")
+  shutil.copytree(saved_dir, os.path.join(model_dir, "checkpoints", str(SAVED)))
+  before = sorted(os.walk(model_dir))
+  try:
+    train("resumed_data1_model8", (1, 8))
+  except partitioning.MeshDoesNotFitError as e:
+    message = str(e)
+  else:
+    raise AssertionError("a (1, 8) mesh trained a model with 4 attention heads")
+  assert "mesh (data=1, model=8)" in message, message
+  assert "'heads', size 4) over model=8" in message, message
+  assert sorted(os.walk(model_dir)) == before, "the failed resume wrote to MODEL_DIR"
 print("OK", flush=True)
