@@ -27,6 +27,7 @@ module cannot silently change a count. Backbone FLOPs come from the kernels them
 check of every adapted site's parameter count come from `omni_smola.nn.accounting`.
 """
 import contextlib
+import copy
 import dataclasses
 import re
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -372,8 +373,19 @@ def account_model(model, task_feature_lengths: Optional[Mapping[str, int]] = Non
     trainable_mode, trainable_overrides: as the trainer's (what is trained).
     optimizer_name: the run's optimizer (`create_optimizer.name`); its state is
       counted exactly, and Adafactor's and AdamW's are given for comparison.
+
+  Within `program_cache.shared_programs()` an equal model's account is computed once (a
+  study accounts every arm, most of one model, before training and again on a rerun).
   """
   lengths = dict(task_feature_lengths or DEFAULT_TASK_FEATURE_LENGTHS)
+  overrides = tuple(tuple(o) for o in trainable_overrides)
+  key = ("account_model", model.fingerprint, tuple(sorted(lengths.items())), trainable_mode,
+         overrides, optimizer_name)
+  return copy.deepcopy(program_cache.get_or_build(key, lambda: _account(
+      model, lengths, trainable_mode, overrides, optimizer_name)))
+
+
+def _account(model, lengths, trainable_mode, trainable_overrides, optimizer_name):
   layout = TokenLayout.of(model, lengths)
   boxed, records = abstract_params(model, layout)
   mask = param_layout.unbox(model.trainable_mask(boxed, trainable_mode, tuple(trainable_overrides)))

@@ -20,24 +20,22 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # --no-loadscope-reorder`): each file is one unit of work, so its module fixtures are built
 # once, and the longest files start first, so that the workers finish together (each worker
 # takes two files at the start, then one whenever it is down to one). The seconds are a
-# full-suite run's per-file wall divided by its load (3,055 s wall for 1,575 CPU-s on 2 cores,
-# about 3.8x; test_study.py's after its fixture study lost a run); only their order matters.
-# test_faults.py trains the session's shared tiny run (train_common.shared_tiny_run) a minute
-# in; test_train.py (behind test_study.py on the other worker), test_eval.py and test_infer.py
-# read it and start later, so they do not sit waiting on its lock.
+# cold full-suite run's per-file figures (679 s wall, 3c25a05 and later), adjusted for what
+# changed since (the demo test 144 -> ~95 s); only their order matters. test_faults.py
+# trains the session's shared tiny run (train_common.shared_tiny_run) a minute in;
+# test_train.py, test_eval.py and test_infer.py read it and start later, so they do not sit
+# waiting on its lock.
 LONGEST_FIRST = {
-    "test_faults.py": 333, "test_study.py": 160, "test_demo.py": 150, "test_train.py": 118,
-    "test_train_multidevice.py": 112, "test_models_pali.py": 97, "test_layer_stack.py": 69,
-    "test_adapter_routing.py": 55,
-    "test_adapter_sharding.py": 43,  # the previous table's figure (it failed early in that run)
-    "test_multiprocess_train.py": 31,
-    "test_adapter_math.py": 28, "test_products.py": 23, "test_infer.py": 23,
-    "test_params_cli.py": 23, "test_eval.py": 21, "test_decoding.py": 20,
-    "test_models_t5.py": 19, "test_mini_mixture.py": 18, "test_analyze.py": 17,
-    "test_train_errors.py": 17, "test_move.py": 17, "test_model_api.py": 13,
-    "test_specialist_bank.py": 12, "test_microbatches.py": 9, "test_fused_projection.py": 9,
-    "test_memory_plan.py": 9, "test_checkpoint_pali.py": 9, "test_data_plumbing.py": 8,
-    "test_vision_towers.py": 7, "test_vl_tasks.py": 7, "test_adapter_export.py": 7,
+    "test_faults.py": 192, "test_study.py": 160, "test_demo.py": 95,
+    "test_train_multidevice.py": 72, "test_multiprocess_train.py": 50, "test_train.py": 43,
+    "test_adapter_sharding.py": 40, "test_adapter_routing.py": 32, "test_layer_stack.py": 30,
+    "test_products.py": 27, "test_models_pali.py": 24, "test_mome_model.py": 23,
+    "test_eval.py": 22, "test_analyze.py": 21, "test_infer.py": 20, "test_params_cli.py": 15,
+    "test_memory_plan.py": 14, "test_vl_tasks.py": 14, "test_models_t5.py": 12,
+    "test_decoding.py": 11, "test_train_errors.py": 10, "test_adapter_export.py": 10,
+    "test_move.py": 9, "test_model_api.py": 9, "test_specialist_bank.py": 9,
+    "test_mini_mixture.py": 8, "test_checkpoint_pali.py": 8, "test_fused_projection.py": 7,
+    "test_microbatches.py": 7, "test_data_plumbing.py": 6, "test_vision_towers.py": 6,
 }
 
 
