@@ -135,8 +135,9 @@ class BestCheckpointKeeper:
     previous = self.record
     if previous is not None and (score <= previous.score or step == previous.step):
       return False
+    state = checkpointing.for_saving(state_tree())
     self.manager.save(step, args=ocp.args.Composite(**{
-        checkpointing.STATE_ITEM: ocp.args.StandardSave(state_tree()),
+        checkpointing.STATE_ITEM: ocp.args.StandardSave(state),
         checkpointing.DATA_ITEM: ocp.args.JsonSave(dict(data_position))}), force=True)
     self.manager.wait_until_finished()
     record = BestRecord(step, score, tasks)
