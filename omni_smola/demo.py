@@ -58,11 +58,11 @@ flags.DEFINE_integer("experts_per_group", None,
                      "Overrides Omni-SMoLA's experts per group (mm, vis, txt); the gin file "
                      "says 16.")
 FLAGS = flags.FLAGS
-# The binaries' flags (omni_smola.launching) that the demo cannot honour: each phase picks
-# its own gin files, data directory and single process. --gin_bindings it honours: they
-# follow the demo's own bindings in every phase (training, evaluation and the LoRA rank).
-NOT_FOR_THE_DEMO = ("gin_file", "gin_search_paths", "tfds_data_dir", "coordinator_address",
-                    "process_count", "process_index")
+# The demo honours one of the binaries' flags (omni_smola.launching): --gin_bindings, which
+# follow its own bindings in every phase (training, evaluation and the LoRA rank). It
+# refuses the others, whatever launching defines: each phase picks its own gin files, data
+# directory and single process.
+HONOURED_BINARY_FLAGS = ("gin_bindings",)
 
 # (run name, experiment, adapters include for evaluation, label in the table); `lora`'s
 # label gets its rank, which matches Omni-SMoLA's trainable parameters.
@@ -232,7 +232,8 @@ def _run_phases(run_dir: str) -> str:
 def main(argv):
   if len(argv) > 1:
     raise SystemExit(f"unexpected arguments: {argv[1:]}")
-  given = [f"--{name}" for name in NOT_FOR_THE_DEMO if FLAGS[name].present]
+  given = [f"--{flag.name}" for flag in FLAGS.get_flags_for_module(launching)
+           if flag.present and flag.name not in HONOURED_BINARY_FLAGS]
   if given:
     raise SystemExit(f"the demo does not take {', '.join(given)}: its phases choose their own "
                      "gin files, data and process (--gin_bindings apply to every phase)")

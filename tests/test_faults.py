@@ -213,7 +213,6 @@ class _Binary:
     argv = train_common.binary_command("train", data_dir, MODEL_DIR=str(model_dir),
                                        TRAIN_STEPS=1000, CHECKPOINT_PERIOD=1,
                                        **LEAN_CHECKPOINTS)
-    argv.append("--gin_bindings=omni_smola.training.trainer.train.log_period = 1")
     self.process = subprocess.Popen(argv, env=train_common.binary_env(), cwd=train_common.REPO,
                                     stderr=subprocess.PIPE, text=True)
     self.lines = []
@@ -227,10 +226,6 @@ class _Binary:
   @property
   def output(self) -> str:
     return "".join(self.lines)
-
-  def logged_step(self) -> int:
-    steps = re.findall(r"step (\d+)/1000", self.output)
-    return int(steps[-1]) if steps else 0
 
   def wait_for(self, condition, what: str, timeout: float = 300):
     """Polls `condition` every 2 ms; the process is killed if it never holds."""

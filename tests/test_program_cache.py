@@ -67,6 +67,10 @@ def test_a_store_keeps_the_programs_from_one_scope_to_the_next_and_unshared_buil
   with program_cache.shared_programs():
     assert program_cache.get_or_build(("k",), build("without the store")) == "without the store"
   assert built == ["first", "unshared", "inner", "outside", "without the store"]
+  with program_cache.shared_programs():
+    with pytest.raises(ValueError, match=r"nested in another"):
+      with program_cache.shared_programs(store):
+        pass
 
 
 def test_a_shared_jit_is_one_program_and_another_key_or_sharding_is_another():

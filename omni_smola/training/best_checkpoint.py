@@ -135,9 +135,8 @@ class BestCheckpointKeeper:
     previous = self.record
     if previous is not None and (score <= previous.score or step == previous.step):
       return False
-    state = checkpointing.for_saving(state_tree())
     self.manager.save(step, args=ocp.args.Composite(**{
-        checkpointing.STATE_ITEM: ocp.args.StandardSave(state),
+        checkpointing.STATE_ITEM: checkpointing.standard_save(state_tree()),
         checkpointing.DATA_ITEM: ocp.args.JsonSave(dict(data_position))}), force=True)
     self.manager.wait_until_finished()
     record = BestRecord(step, score, tasks)

@@ -113,8 +113,8 @@ def _step_dirs(directory: str) -> List[Tuple[int, str]]:
   return sorted(found)
 
 
-def for_saving(tree):
-  """What a save hands Orbax: with one process, the tree's host copy.
+def standard_save(tree) -> ocp.args.StandardSave:
+  """Orbax's save of `tree`: with one process, of its host copy.
 
   Orbax writes host arrays at a third of the cost of `jax.Array`s, whose per-array work
   (transfer scheduling, replica slices, sharding metadata) dominates a checkpoint of
@@ -122,9 +122,7 @@ def for_saving(tree):
   1.0 s as host copies. A restore lays either out on its target's shardings. With several
   processes no process holds every shard: each writes its own from the `jax.Array`s.
   """
-  if jax.process_count() > 1:
-    return tree
-  return jax.device_get(tree)
+  return ocp.args.StandardSave(tree if jax.process_count() > 1 else jax.device_get(tree))
 
 
 class RunCheckpointer:
@@ -185,7 +183,7 @@ class RunCheckpointer:
     logging.info("Saving checkpoint for step %d to %s", step, self.directory)
 
   def _save(self, step, state_tree, data_position, params, data_iterator) -> None:
-    items = {STATE_ITEM: ocp.args.StandardSave(for_saving(state_tree)),
+    items = {STATE_ITEM: standard_save(state_tree),
              DATA_ITEM: ocp.args.JsonSave(dict(data_position))}
     if data_iterator is not None and self.config.save_data_iterator:
       items[DATA_ITERATOR_ITEM] = iterator_state.DataIteratorSave(data_iterator)
@@ -202,8 +200,7 @@ class RunCheckpointer:
           # this run's, so adapters/<step> is always the checkpoint of the same step.
           self._adapters_manager.delete(step)
         self._adapters_manager.save(step, args=ocp.args.Composite(**{
-            ADAPTERS_ITEM: ocp.args.StandardSave(for_saving({"params": adapters}))}),
-            force=True)
+            ADAPTERS_ITEM: standard_save({"params": adapters})}), force=True)
 
   def _finish_pending(self) -> None:
     """Waits for the background write of the last save; its failure raises, naming it."""

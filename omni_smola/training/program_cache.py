@@ -56,8 +56,10 @@ def shared_programs(store: "Optional[collections.OrderedDict]" = None):
   modules) shares programs between them too.
   """
   global _depth, _programs
-  outermost = _depth == 0
-  if outermost and store is not None:
+  if store is not None:
+    if _depth:
+      raise ValueError("shared_programs(store): a store holds the programs of an outermost "
+                       "scope; this one is nested in another, whose programs it would not see")
     _programs = store
   _depth += 1
   try:

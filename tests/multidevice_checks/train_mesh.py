@@ -7,7 +7,8 @@ Usage: train_mesh.py DATA_DIR WORK_DIR (DATA_DIR is not read: the task is synthe
 2. Elastic restore (DESIGN.md 6.2): the (4, 2) run's step-2 checkpoint resumes on
    (2, 4) (every array laid out anew) and one device (every array gathered). The
    restored parameters and optimizer state equal what the (4, 2) run saved, laid out on
-   the new mesh, and the next step reaches the (4, 2) run's step-3 loss and parameters. Prints `LOSS <mesh> <loss>` per resume.
+   the new mesh, and the next step reaches the (4, 2) run's step-3 loss and parameters.
+   Prints `LOSS <mesh> <loss>` per resume.
 3. A (1, 8) mesh cannot split the 4 attention heads: the resume fails naming them,
    before anything is written.
 
