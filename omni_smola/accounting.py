@@ -269,6 +269,17 @@ def _mome_part_pattern(part: str) -> str:
   return r"/mome_mole/"
 
 
+def _group_of(mome_part: str) -> str:
+  """The component (`param_layout.ADDED_MODULES`) a MoME part's parameters are filed under."""
+  return mome_part.split("/")[0]
+
+
+def mome_flops(model, layout: TokenLayout) -> Dict[str, Dict[str, int]]:
+  """{stack: {MoME part: forward FLOPs of one example}}, closed form (`mome_accounting`)."""
+  return mome_accounting.mome_flops(
+      model.config, {stack: layout.length(stack) for stack in ("encoder", "decoder")})
+
+
 def mome_parts(model, leaves: Sequence[Leaf]) -> Dict[str, Dict[str, int]]:
   """MoME's towers, ADT modules, routers and MoLE: counted on the tree and in closed form."""
   return {part: {"parameters": _sum(l.size for l in leaves
@@ -339,9 +350,11 @@ def flop_summary(model, leaves: Sequence[Leaf], sites: Sequence[AdaptedSite],
                  groups: Sequence[str]) -> Dict[str, Any]:
   """Forward FLOPs of one example per stack (and per token), backbone and adapters."""
   backbone = backbone_flops(model, leaves, records, layout)
+  mome = mome_flops(model, layout)
   flops = {}
   for stack in STACKS:
     per_group = {g: _sum(s.flops.get(g, 0) for s in sites if s.stack == stack)
+                 + _sum(f for part, f in mome.get(stack, {}).items() if _group_of(part) == g)
                  for g in groups}
     tokens = layout.length(stack) if stack != "embedding" else 0
     adapters = _sum(per_group.values())
@@ -425,6 +438,7 @@ def _account(model, lengths, trainable_mode, trainable_overrides, optimizer_name
       "adapted_projections": {module: sorted(s.site for s in sites if s.module == module)
                               for module in sorted({s.module for s in sites})},
       "mome": mome,
+      "mome_flops": mome_flops(model, layout),
       "closed_form_mismatches": mismatches,
   }
 

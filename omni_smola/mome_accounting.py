@@ -1,15 +1,23 @@
-"""Closed-form parameter counts of a MoME PaLI's parts: towers, ADT modules, routers, MoLE.
+"""Closed-form parameters and forward FLOPs of a MoME PaLI's parts: towers, ADT, routers, MoLE.
 
 The definition accounting holds the traced model to (`accounting.mome_parts`; a test
 compares both on the tiny MoME model), and what `python -m omni_smola.params` prints for
 a MoME config at any scale without allocating. Letters: d a tower's width, m its MLP
-width, p its patch, W MoVE's common width, L queries, M ADT layers, Nh heads, Np points.
+width, p its patch, W MoVE's common width, L queries, M ADT layers, Nh heads, Np points,
+N the cells of a tower's feature map, T tokens, r MoLE's bottleneck, K its experts.
+
+FLOPs follow `omni_smola.accounting`: 2 per multiply-add of the matmuls of one example's
+forward pass (pooling means, norms, softmaxes and gathers are free). The towers' own
+FLOPs are not here: their projections are traced like the ViT's and counted as vision
+backbone. Tests hold these formulas to the `dot_general`s the modules trace.
 """
-from typing import Dict
+import math
+from typing import Dict, Mapping, Tuple
 
 from omni_smola.models.configs import (PALI_VIT_TOWER, ClipVisionConfig, DinoV2Config,
                                        MoVEConfig, PaliConfig, Pix2StructVisionConfig,
                                        ViTConfig)
+from omni_smola.models.pix2struct_patches import canvas_grid
 
 
 def _layer_norm(d: int) -> int:
@@ -126,3 +134,92 @@ def mome_parts(config: PaliConfig) -> Dict[str, int]:
     parts["mome_mole"] = layers * bottleneck_mole(
         mole.num_experts, mole.bottleneck_dim, mole.router_hidden_dim, config.text.emb_dim)
   return parts
+
+
+# ------------------------------------------------------------------------- FLOPs
+
+
+def feature_grid(tower, image_size: int) -> Tuple[int, int]:
+  """(h, w) of the feature map a tower hands MoVE for a square PaLI image of `image_size`.
+
+  The ViTs' maps are their patch grids at the PaLI resolution; Pix2Struct's is its whole
+  canvas (`models.vision_features.scattered_features`), padding included, which the ADT's
+  value projection runs over.
+  """
+  if isinstance(tower, Pix2StructVisionConfig):
+    return canvas_grid(tower.max_patches, tower.max_aspect_ratio)
+  side = image_size // tower.patch_size
+  return side, side
+
+
+def _attention_flops(queries: int, keys: int, d: int) -> int:
+  return 2 * 4 * queries * d * d + 2 * 2 * queries * keys * d  # q, k, v, out; scores, sum
+
+
+def deformable_cross_attention_flops(d: int, heads: int, points: int, queries: int,
+                                     cells: int) -> int:
+  """The value projection of every cell, offsets, weights, 4-corner sampling, mixing, out."""
+  value = 2 * cells * d * d
+  offsets_and_weights = 2 * queries * d * heads * points * 3  # 2 offsets + 1 weight
+  sampling = 2 * queries * points * 4 * d  # each head's c = d / Nh channels, 4 corners
+  mixing = 2 * queries * points * d
+  out = 2 * queries * d * d
+  return value + offsets_and_weights + sampling + mixing + out
+
+
+def adt_flops(move: MoVEConfig, d: int, grid: Tuple[int, int]) -> int:
+  cfg, queries = move.adt, move.adt.num_queries
+  layer = (_attention_flops(queries, queries, d)
+           + deformable_cross_attention_flops(d, cfg.num_heads, cfg.num_points, queries,
+                                              math.prod(grid))
+           + 2 * 2 * queries * d * cfg.mlp_ratio * d)
+  return cfg.num_layers * layer + 2 * queries * d * move.width
+
+
+def average_pool_flops(move: MoVEConfig, d: int, grid: Tuple[int, int]) -> int:
+  del grid  # the pooling means are free
+  return 2 * move.adt.num_queries * d * move.width
+
+
+TRANSFORM_FLOPS = {"adt": adt_flops, "average_pool": average_pool_flops}
+
+
+def instruction_router_flops(d_instruction: int, hidden: int, choices: int) -> int:
+  """Once per example: the instruction embedding (a mean) is free."""
+  return 2 * (d_instruction * hidden + hidden * choices)
+
+
+def bottleneck_mole_flops(num_experts: int, bottleneck: int, hidden, d: int,
+                          tokens: int) -> int:
+  """One MoLE beside one FFN: the chosen expert's down and up on every token, the router."""
+  router = (instruction_router_flops(d, hidden or d, num_experts) if num_experts > 1 else 0)
+  return 2 * 2 * tokens * d * bottleneck + router
+
+
+def mome_flops(config: PaliConfig, tokens: Mapping[str, int]) -> Dict[str, Dict[str, int]]:
+  """{stack: {part: forward FLOPs of one example}}; {} for a model without MoME's parts.
+
+  Parts as `mome_parts` (MoLE split by stack); `tokens`: the encoder's and decoder's
+  sequence lengths, as `accounting.TokenLayout.length`.
+  """
+  flops: Dict[str, Dict[str, int]] = {}
+  move = config.move
+  if move is not None:
+    towers = {PALI_VIT_TOWER: config.vision, **dict(config.vision_towers)}
+    vision = flops.setdefault("vision", {})
+    for name in move.tower_names:
+      grid = feature_grid(towers[name], config.vision.image_size)
+      vision[f"move/transform_{name}"] = TRANSFORM_FLOPS[move.transform](
+          move, towers[name].width, grid)
+    d_instruction = config.text.emb_dim
+    vision["move/tower_router"] = (instruction_router_flops(
+        d_instruction, move.router_hidden_dim or d_instruction, len(move.tower_names))
+                                   if move.fusion == "router" else 0)
+  mole = config.text.mome_mole
+  if mole is not None:
+    for stack, layers in (("encoder", config.text.num_encoder_layers),
+                          ("decoder", config.text.num_decoder_layers)):
+      flops.setdefault(stack, {})["mome_mole"] = layers * bottleneck_mole_flops(
+          mole.num_experts, mole.bottleneck_dim, mole.router_hidden_dim,
+          config.text.emb_dim, tokens[stack])
+  return flops

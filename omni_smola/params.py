@@ -283,8 +283,13 @@ def format_table(account: Mapping[str, Any]) -> str:
     lines.append(_table(["MoME part (omni_smola.mome_accounting)", "parameters", "closed form"],
                         [[part, f"{p['parameters']:,}", f"{p['closed_form']:,}"]
                          for part, p in account["mome"].items()]))
-    lines.append("MoME's MoVE and MoLE FLOPs are not counted above (their columns read 0); the "
-                 "towers' are, under vision backbone")
+    lines.append("")
+    lines.append(_table(["MoME part, stack", "forward FLOPs (closed form)"],
+                        [[f"{part}, {stack}", human(f)]
+                         for stack, parts in account["mome_flops"].items()
+                         for part, f in parts.items()]))
+    lines.append("The move and mome_mole columns above are these parts; the towers' FLOPs are "
+                 "traced, under vision backbone")
   if account["closed_form_mismatches"]:
     lines.append("")
     lines.append("WARNING: adapter parameters differ from omni_smola.nn.accounting "

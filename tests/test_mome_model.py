@@ -7,7 +7,11 @@ reused by the tests that need it. The DINOv2 and CLIP towers (in `mini_mome`, `p
 are checked here in closed form on their own traced trees, which costs no compile.
 """
 import dataclasses
+import itertools
+import os
+import sys
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,8 +22,14 @@ from flax import traverse_util
 from omni_smola import accounting, mome_accounting, param_layout
 from omni_smola.model import PaliModel
 from omni_smola.models import configs, move, pix2struct_patches, vision_towers
+from omni_smola.models.adt import adaptive_average_pool
 from omni_smola.models.vit import ViT
+from omni_smola.nn import TokenContext
+from omni_smola.nn.mome_mole import BottleneckMoLE
 from omni_smola.training.train_state import merge_params, split_params
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
+from contractions import dot_generals, product_flops  # noqa: E402
 
 CONFIG = configs.CONFIGS["tiny_mome"]
 
@@ -169,6 +179,79 @@ def test_accounting_counts_towers_adt_and_mole_in_closed_form():
                                  if p.startswith("move/"))
   assert by_group["mome_mole"] == parts["mome_mole"]["parameters"]
   assert account["parameters"]["trainable"] == by_group["move"] + by_group["mome_mole"]
+
+
+def _move_inputs(mome):
+  """The shapes of what the tiny MoME model hands MoVE: (feature maps, instruction, masks)."""
+  model, _, params, batch, _ = mome
+  seen = []
+
+  def grab(call, args, kwargs, context):
+    if isinstance(context.module, move.MoVE) and context.method_name == "__call__":
+      seen.append(jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                         args))
+    return call(*args, **kwargs)
+
+  with nn.intercept_methods(grab):
+    jax.eval_shape(lambda p: model.module.apply(
+        {"params": p}, batch["image"], batch["encoder_input_tokens"],
+        batch["decoder_input_tokens"]), params)
+  assert len(seen) == 1
+  return seen[0]
+
+
+@pytest.mark.parametrize("transform,fusion",
+                         list(itertools.product(configs.MOVE_TRANSFORMS, configs.MOVE_FUSIONS)))
+def test_move_flops_equal_the_products_the_model_traces(mome, transform, fusion):
+  maps, instruction, masks = _move_inputs(mome)
+  batch = instruction.shape[0]
+  towers = {configs.PALI_VIT_TOWER: CONFIG.vision, **dict(CONFIG.vision_towers)}
+  for name, feature_map in zip(CONFIG.move.tower_names, maps):
+    assert feature_map.shape[1:3] == mome_accounting.feature_grid(
+        towers[name], CONFIG.vision.image_size), name
+  cfg = dataclasses.replace(CONFIG.move, transform=transform, fusion=fusion)
+  module = move.MoVE(cfg)
+  inputs = (maps, instruction, masks)
+  variables = jax.eval_shape(lambda *a: module.init(jax.random.PRNGKey(0), *a), *inputs)
+  traced = product_flops(dot_generals(lambda v, *a: module.apply(v, *a), variables, *inputs))
+  # The pooling is a mean (free in the accounting) that jnp writes as two products.
+  side = cfg.adt.grid_side
+  pooling = sum(product_flops(dot_generals(lambda f, m: adaptive_average_pool(f, side, m),
+                                           f, m)) for f, m in zip(maps, masks))
+  config = dataclasses.replace(CONFIG, move=cfg)
+  closed_form = mome_accounting.mome_flops(config, {"encoder": 9, "decoder": 4})["vision"]
+  assert set(closed_form) == ({f"move/transform_{t}" for t in cfg.tower_names}
+                              | {"move/tower_router"})
+  assert traced - pooling == batch * sum(closed_form.values())
+
+
+@pytest.mark.parametrize("num_experts", [1, 4])
+def test_mole_flops_equal_the_products_it_traces(num_experts):
+  batch, tokens, width, bottleneck = 2, 7, 12, 5
+  mole = BottleneckMoLE(num_experts=num_experts, bottleneck_dim=bottleneck)
+  x = jax.ShapeDtypeStruct((batch, tokens, width), jnp.float32)
+  context = TokenContext(instance_features=jnp.ones((batch, width)))
+  variables = jax.eval_shape(lambda x: mole.init(jax.random.PRNGKey(0), x, context), x)
+  traced = product_flops(dot_generals(lambda v, x: mole.apply(v, x, context), variables, x))
+  assert traced == batch * mome_accounting.bottleneck_mole_flops(
+      num_experts, bottleneck, None, width, tokens)
+
+
+def test_the_account_files_move_and_mole_flops_under_their_stacks():
+  account = accounting.account_model(PaliModel("tiny_mome"), {"inputs": 5, "targets": 4})
+  flops, parts = account["flops"], account["mome_flops"]
+  mole = CONFIG.text.mome_mole
+  assert set(parts) == {"vision", "encoder", "decoder"}
+  assert flops["vision"]["adapters_by_group"]["move"] == sum(parts["vision"].values()) > 0
+  for stack in ("encoder", "decoder"):
+    layers = getattr(CONFIG.text, f"num_{stack}_layers")
+    tokens = flops[stack]["tokens"]
+    assert tokens == {"encoder": CONFIG.move.adt.num_queries + 5, "decoder": 4}[stack]
+    assert flops[stack]["adapters_by_group"]["mome_mole"] == parts[stack]["mome_mole"] == (
+        layers * mome_accounting.bottleneck_mole_flops(
+            mole.num_experts, mole.bottleneck_dim, mole.router_hidden_dim,
+            CONFIG.text.emb_dim, tokens))
+  assert flops["total"]["adapters"] == sum(f for p in parts.values() for f in p.values())
 
 
 @pytest.mark.parametrize("tower", [
