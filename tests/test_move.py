@@ -296,7 +296,7 @@ def test_stage_two_copies_the_single_adapter_into_every_expert(mole_params, mole
   np.testing.assert_allclose(mole_apply(mixture)[0],
                              single.apply({"params": single_params}, x, context),
                              rtol=1e-6, atol=1e-6)
-  with pytest.raises(ValueError, match="down_kernel of the single adapter has shape"):
+  with pytest.raises(ValueError, match="down_kernel: the single adapter has shape"):
     experts_from_single_adapter(mole_params, mole_params)
 
 

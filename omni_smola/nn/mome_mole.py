@@ -106,6 +106,23 @@ class BottleneckMoLE(nn.Module):
     return out * weight * valid
 
 
+def single_expert_broadcast(name: str, source, target_shape):
+  """`source` (one expert: size 1 on the expert axis) copied to every expert of `target_shape`.
+
+  The expert axis is the one where the shapes differ; a scanned stack's leading layer axis
+  is carried along. Anything else (K experts already, other widths) fails naming `name`.
+  """
+  source_shape, target_shape = tuple(source.shape), tuple(target_shape)
+  differing = [i for i, (a, b) in enumerate(zip(source_shape, target_shape)) if a != b]
+  if (len(source_shape) != len(target_shape) or len(differing) != 1
+      or source_shape[differing[0]] != 1):
+    raise ValueError(
+        f"{name}: the single adapter has shape {source_shape}, the mixture's experts "
+        f"{target_shape}: need one expert (size 1 on the expert axis) with the same other "
+        "dimensions")
+  return jnp.broadcast_to(source, target_shape)
+
+
 def experts_from_single_adapter(mixture_params, single_params):
   """Stage 2's start: every expert of `mixture_params` becomes stage 1's adapter.
 
@@ -113,15 +130,13 @@ def experts_from_single_adapter(mixture_params, single_params):
     mixture_params: a `BottleneckMoLE(num_experts=K)`'s parameters (its router kept).
     single_params: a trained `BottleneckMoLE(num_experts=1)`'s parameters.
   Returns:
-    `mixture_params` with each of `EXPERT_PARAMS` the single expert, K times.
+    `mixture_params` with each of `EXPERT_PARAMS` the single expert, K times. A run
+    does this on its initial checkpoint with `train.mole_experts_from_single_adapter`
+    (`checkpoints.mole_stage_two`).
   """
   copied = dict(mixture_params)
   for name in EXPERT_PARAMS:
-    source, target = single_params[name], mixture_params[name]
-    if source.shape[0] != 1 or source.shape[1:] != target.shape[1:]:
-      raise ValueError(
-          f"experts_from_single_adapter: {name} of the single adapter has shape "
-          f"{tuple(source.shape)}, the mixture's experts {tuple(target.shape)}: need "
-          f"[1, ...] with the same trailing shape")
-    copied[name] = jnp.broadcast_to(source, target.shape).astype(target.dtype)
+    target = mixture_params[name]
+    copied[name] = single_expert_broadcast(name, single_params[name], target.shape).astype(
+        target.dtype)
   return copied

@@ -386,6 +386,8 @@ def restore_params(path: str, target: Mapping[str, Any], *,
                    frozen: Optional[Callable[[str], bool]] = None,
                    format: str = "auto",  # pylint: disable=redefined-builtin
                    check_loaded: Optional[Callable[[Mapping[str, Any]], None]] = None,
+                   adapt_loaded: Optional[Callable[[Mapping[str, Any]], Mapping[str, Any]]]
+                   = None,
                    ) -> Dict[str, Any]:
   """`target` (params, concrete or abstract with shardings) filled from a checkpoint.
 
@@ -397,12 +399,16 @@ def restore_params(path: str, target: Mapping[str, Any], *,
   An abstract `target` takes what the checkpoint lacks from `init_fn()`, called
   only after every check passed (so a mismatch costs no initialisation).
   `check_loaded(loaded)` sees the checkpoint's `{path: array}` before any merge (the
-  trainer's check that it fills every frozen vision tower).
+  trainer's check that it fills every frozen vision tower). `adapt_loaded(loaded)`
+  returns what is matched against `target` instead (MoME's stage 2 copies a single MoLE
+  adapter into every expert: `checkpoints.mole_stage_two`).
   """
   path = resolve_checkpoint(path)
   loaded = checkpoint_restore.read_checkpoint(path, format)
   if check_loaded is not None:
     check_loaded(loaded)
+  if adapt_loaded is not None:
+    loaded = adapt_loaded(loaded)
   if require_adapters:
     flat = traverse_util.flatten_dict(dict(target), keep_empty_nodes=False)
     missing = sorted("/".join(k) for k, v in flat.items()

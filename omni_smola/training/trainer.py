@@ -24,6 +24,7 @@ evaluation that raises is logged and training goes on, and examples dropped for
 unreadable images are counted in the train metrics (`skipped_examples`).
 """
 import dataclasses
+import functools
 import os
 import re
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -36,7 +37,7 @@ import numpy as np
 import seqio
 
 from omni_smola import param_layout
-from omni_smola.checkpoints import vision_tower_sources
+from omni_smola.checkpoints import mole_stage_two, vision_tower_sources
 from omni_smola.data import images
 from omni_smola.training import best_checkpoint, checkpointing, data_iterator, faults
 from omni_smola.training import metrics_logging, microbatches
@@ -201,6 +202,7 @@ def train(*, model, model_dir: str, train_dataset_cfg: data_iterator.DatasetConf
           initial_checkpoint_allow_missing: Sequence[str] = DEFAULT_ALLOW_MISSING,
           initial_checkpoint_ignore_unexpected: bool = False,
           vision_tower_checkpoints: Optional[Dict[str, Any]] = None,
+          mole_experts_from_single_adapter: bool = False,
           infer_eval_dataset_cfg: Optional[data_iterator.DatasetConfig] = None,
           eval_period: int = 0,
           eval_num_examples: Optional[int] = None,
@@ -233,6 +235,10 @@ def train(*, model, model_dir: str, train_dataset_cfg: data_iterator.DatasetConf
     vision_tower_checkpoints: VISION_TOWER_CHECKPOINTS of a MoME model, `{tower: path or
       (path, subtree)}`, read when not resuming (`checkpoints.vision_tower_sources`); a
       frozen tower that neither it nor the initial checkpoint fills is an error.
+    mole_experts_from_single_adapter: MoME's stage 2: the initial checkpoint is a
+      stage-1 run (MoLE with one expert), whose adapter becomes every expert of this
+      model's MoLE (`checkpoints.mole_stage_two`); needs an initial checkpoint and
+      `BottleneckMoLEConfig.num_experts >= 2`.
     infer_eval_dataset_cfg: what to evaluate every `eval_period` steps.
     eval_num_examples: at most this many examples per evaluated task.
     eval_output_dir: default MODEL_DIR/eval.
@@ -251,6 +257,11 @@ def train(*, model, model_dir: str, train_dataset_cfg: data_iterator.DatasetConf
   _validate(model_dir, train_dataset_cfg, infer_eval_dataset_cfg, train_steps,
             initial_checkpoint_path, resuming=latest is not None,
             num_microbatches=num_microbatches)
+  if mole_experts_from_single_adapter:
+    mole_stage_two.check_model(model.config)
+    if not initial_checkpoint_path:
+      raise MissingSettingError(f"{mole_stage_two.SETTING} = True needs the stage-1 run as "
+                                "INITIAL_CHECKPOINT_PATH")
   if latest is not None and latest >= train_steps:
     # Before building anything: a finished run relaunched (a second `make demo`, a pod
     # job restarted after its last step) exits at once instead of restoring its state.
@@ -311,7 +322,11 @@ def train(*, model, model_dir: str, train_dataset_cfg: data_iterator.DatasetConf
               keep=may_be_missing,
               keep_key=("adapters and", tuple(initial_checkpoint_allow_missing))),
           frozen=lambda name: not mask[name] and not towers.fills(name),
-          check_loaded=check_towers)
+          check_loaded=check_towers,
+          adapt_loaded=(functools.partial(mole_stage_two.experts_from_stage_one,
+                                          target=layout.abstract_params,
+                                          checkpoint=initial_checkpoint_path)
+                        if mole_experts_from_single_adapter else None))
     else:
       check_towers({})
       params = fresh_params()
