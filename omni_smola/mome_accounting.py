@@ -105,9 +105,17 @@ def bottleneck_mole(num_experts: int, bottleneck: int, hidden, d: int) -> int:
   return experts + router
 
 
-def tower_widths(config: PaliConfig) -> Dict[str, int]:
-  return {PALI_VIT_TOWER: config.vision.width,
-          **{name: tower.width for name, tower in config.vision_towers}}
+def towers(config: PaliConfig) -> Dict[str, object]:
+  """{tower name: its config}: the PaLI ViT (`img`) and `vision_towers`."""
+  return {PALI_VIT_TOWER: config.vision, **dict(config.vision_towers)}
+
+
+def _tower_router(config: PaliConfig, count) -> int:
+  """`count(d_instruction, hidden, towers)` of MoVE's router; 0 for plain addition."""
+  move, d_instruction = config.move, config.text.emb_dim
+  if move.fusion != "router":
+    return 0
+  return count(d_instruction, move.router_hidden_dim or d_instruction, len(move.tower_names))
 
 
 def mome_parts(config: PaliConfig) -> Dict[str, int]:
@@ -119,15 +127,11 @@ def mome_parts(config: PaliConfig) -> Dict[str, int]:
   parts: Dict[str, int] = {}
   move = config.move
   if move is not None:
-    towers = {PALI_VIT_TOWER: config.vision, **dict(config.vision_towers)}
-    widths = tower_widths(config)
     for name in move.tower_names:
-      parts[f"tower/{name}"] = TOWERS[type(towers[name])](towers[name])
-      parts[f"move/transform_{name}"] = TRANSFORMS[move.transform](move, widths[name])
-    d_instruction = config.text.emb_dim
-    parts["move/tower_router"] = (instruction_router(
-        d_instruction, move.router_hidden_dim or d_instruction, len(move.tower_names))
-                                  if move.fusion == "router" else 0)
+      tower = towers(config)[name]
+      parts[f"tower/{name}"] = TOWERS[type(tower)](tower)
+      parts[f"move/transform_{name}"] = TRANSFORMS[move.transform](move, tower.width)
+    parts["move/tower_router"] = _tower_router(config, instruction_router)
   mole = config.text.mome_mole
   if mole is not None:
     layers = config.text.num_encoder_layers + config.text.num_decoder_layers
@@ -205,16 +209,12 @@ def mome_flops(config: PaliConfig, tokens: Mapping[str, int]) -> Dict[str, Dict[
   flops: Dict[str, Dict[str, int]] = {}
   move = config.move
   if move is not None:
-    towers = {PALI_VIT_TOWER: config.vision, **dict(config.vision_towers)}
     vision = flops.setdefault("vision", {})
     for name in move.tower_names:
-      grid = feature_grid(towers[name], config.vision.image_size)
+      tower = towers(config)[name]
       vision[f"move/transform_{name}"] = TRANSFORM_FLOPS[move.transform](
-          move, towers[name].width, grid)
-    d_instruction = config.text.emb_dim
-    vision["move/tower_router"] = (instruction_router_flops(
-        d_instruction, move.router_hidden_dim or d_instruction, len(move.tower_names))
-                                   if move.fusion == "router" else 0)
+          move, tower.width, feature_grid(tower, config.vision.image_size))
+    vision["move/tower_router"] = _tower_router(config, instruction_router_flops)
   mole = config.text.mome_mole
   if mole is not None:
     for stack, layers in (("encoder", config.text.num_encoder_layers),

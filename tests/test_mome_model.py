@@ -205,7 +205,7 @@ def _move_inputs(mome):
 def test_move_flops_equal_the_products_the_model_traces(mome, transform, fusion):
   maps, instruction, masks = _move_inputs(mome)
   batch = instruction.shape[0]
-  towers = {configs.PALI_VIT_TOWER: CONFIG.vision, **dict(CONFIG.vision_towers)}
+  towers = mome_accounting.towers(CONFIG)
   for name, feature_map in zip(CONFIG.move.tower_names, maps):
     assert feature_map.shape[1:3] == mome_accounting.feature_grid(
         towers[name], CONFIG.vision.image_size), name
