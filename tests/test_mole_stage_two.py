@@ -41,8 +41,9 @@ def _random_run(model, directory, seed):
           for k, v in traverse_util.flatten_dict(abstract).items()}
   checkpointer = checkpointing.RunCheckpointer(
       str(directory), checkpointing.CheckpointConfig(use_async=False, export_adapters=False))
-  checkpointer.save(1, {"step": np.int32(1), "opt_state": {}, "params": traverse_util.unflatten_dict(
-      {tuple(k.split("/")): v for k, v in flat.items()})}, {"batches_consumed": 1})
+  params = traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
+  checkpointer.save(1, {"step": np.int32(1), "opt_state": {}, "params": params},
+                    {"batches_consumed": 1})
   checkpointer.close()
   return flat
 

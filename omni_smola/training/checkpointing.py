@@ -98,7 +98,8 @@ class CheckpointConfig:
 
 def adapter_params(params: Mapping[str, Any]) -> Dict[str, Any]:
   flat = traverse_util.flatten_dict(dict(params), keep_empty_nodes=False)
-  return traverse_util.unflatten_dict({k: v for k, v in flat.items() if param_layout.is_adapter_path(k)})
+  return traverse_util.unflatten_dict({k: v for k, v in flat.items()
+                                       if param_layout.is_adapter_path(k)})
 
 
 def _step_dirs(directory: str) -> List[Tuple[int, str]]:

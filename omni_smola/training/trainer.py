@@ -359,7 +359,8 @@ def train(*, model, model_dir: str, train_dataset_cfg: data_iterator.DatasetConf
   rng_arg = partitioned_step.replicate(partitioner, dropout_rng)
   evaluator = None
   if eval_period and infer_eval_dataset_cfg is not None:
-    from omni_smola.evaluation import evaluator as evaluator_lib  # pylint: disable=g-import-not-at-top
+    # pylint: disable-next=g-import-not-at-top
+    from omni_smola.evaluation import evaluator as evaluator_lib
     evaluator = evaluator_lib.ModelEvaluator(
         model, partitioner, layout.params_sharding, infer_eval_dataset_cfg,
         eval_output_dir or os.path.join(model_dir, "eval"), num_examples=eval_num_examples,
