@@ -32,6 +32,7 @@ from omni_smola.models.vit import MlpBlock, _layer_norm
 from omni_smola.nn import NO_ADAPTERS, TokenContext
 from omni_smola.nn.deformable_attention import (DeformableCrossAttention, check_valid_mask,
                                                 valid_extent)
+from omni_smola.nn.stored_param import stored_param
 
 
 def _bin_membership(extent, size: int, bins: int):
@@ -118,12 +119,12 @@ class ADT(nn.Module):
       raise ValueError(f"ADTConfig.num_heads={cfg.num_heads} does not divide {self.name}'s "
                        f"width {feature_width}")
     queries = adaptive_average_pool(features, side, valid)
-    queries = queries + self.param(
-        "query_position", nn.with_logical_partitioning(
+    queries = queries + stored_param(
+        self, "query_position", nn.with_logical_partitioning(
             nn.initializers.normal(stddev=feature_width ** -0.5), ("length", "embed")),
         (cfg.num_queries, feature_width))
-    reference_points = self.param(
-        "reference_points", nn.with_logical_partitioning(
+    reference_points = stored_param(
+        self, "reference_points", nn.with_logical_partitioning(
             lambda *_: _grid_centres(side), ("length", None)), (cfg.num_queries, 2))
     queries = nn.with_logical_constraint(queries, ("batch", "length", "embed"))
     for i in range(cfg.num_layers):

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from omni_smola.nn import AdaptedDense, TokenContext
+from omni_smola.nn.stored_param import stored_param
 
 # Activations at every block boundary: the rule table decides their sharding.
 ACTIVATION_AXES = ("batch", "length", "embed")
@@ -26,8 +27,8 @@ class RMSNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
-                       (x.shape[-1],), jnp.float32)
+    scale = stored_param(self, "scale", nn.with_logical_partitioning(
+        nn.initializers.ones, ("embed",)), (x.shape[-1],), jnp.float32)
     x = jnp.asarray(x, jnp.float32)
     x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.epsilon)
     return jnp.asarray(x * scale, self.dtype)
@@ -41,8 +42,8 @@ class Embed(nn.Module):
 
   def setup(self):
     # T5 embeds with unit variance and never rescales the embedded tokens.
-    self.embedding = self.param(
-        "embedding",
+    self.embedding = stored_param(
+        self, "embedding",
         nn.with_logical_partitioning(nn.initializers.normal(stddev=1.0), ("vocab", "embed")),
         (self.num_embeddings, self.features), jnp.float32)
 
@@ -67,6 +68,6 @@ class BiasedAdaptedDense(AdaptedDense):
     outputs = super().__call__(inputs, context)
     features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
     axes = self.bias_axes or self.kernel_axes[-len(features):]
-    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, axes),
-                      features, self.param_dtype)
+    bias = stored_param(self, "bias", nn.with_logical_partitioning(nn.initializers.zeros, axes),
+                        features, self.param_dtype)
     return outputs + jnp.asarray(bias, self.dtype)

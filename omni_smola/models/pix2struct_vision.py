@@ -26,6 +26,7 @@ from omni_smola.models.layers import BiasedAdaptedDense, RMSNorm, constrain
 from omni_smola.models.t5 import MlpBlock
 from omni_smola.models.vision_features import VisionFeatures, scattered_features
 from omni_smola.nn import NO_ADAPTERS, TokenContext
+from omni_smola.nn.stored_param import stored_param
 
 
 class EncoderLayer(nn.Module):
@@ -70,10 +71,10 @@ class Pix2StructVision(nn.Module):
                            name="patch_projection")(patches.astype(dtype))
     embedding_init = nn.with_logical_partitioning(nn.initializers.normal(stddev=1.0),
                                                   ("position", "embed"))
-    rows = self.param("row_embedding", embedding_init, (cfg.num_positions, cfg.width),
-                      jnp.float32)
-    cols = self.param("col_embedding", embedding_init, (cfg.num_positions, cfg.width),
-                      jnp.float32)
+    rows = stored_param(self, "row_embedding", embedding_init,
+                        (cfg.num_positions, cfg.width), jnp.float32)
+    cols = stored_param(self, "col_embedding", embedding_init,
+                        (cfg.num_positions, cfg.width), jnp.float32)
     x = x + jnp.take(jnp.asarray(rows, dtype), row_ids, axis=0) + jnp.take(
         jnp.asarray(cols, dtype), col_ids, axis=0)
     x = constrain(x)

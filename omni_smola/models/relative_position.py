@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from omni_smola.nn.stored_param import stored_param
+
 
 def relative_position_buckets(query_length: int, key_length: int, bidirectional: bool,
                               num_buckets: int = 32, max_distance: int = 128) -> np.ndarray:
@@ -60,8 +62,8 @@ class RelativePositionBias(nn.Module):
     query_position: for single-position decoding (query_length 1), the query's
       position among keys 0..key_length-1 (a traced scalar).
     """
-    table = self.param(
-        "rel_embedding",
+    table = stored_param(
+        self, "rel_embedding",
         nn.with_logical_partitioning(
             nn.initializers.variance_scaling(1.0, "fan_avg", "uniform"),
             ("heads", "relpos_buckets")),

@@ -36,6 +36,7 @@ from omni_smola.models.attention import MultiHeadAttention
 from omni_smola.models.configs import ViTConfig
 from omni_smola.models.layers import BiasedAdaptedDense, constrain
 from omni_smola.nn import NO_ADAPTERS, AdapterPlan, TokenContext
+from omni_smola.nn.stored_param import stored_param
 
 _XAVIER = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")
 
@@ -87,11 +88,11 @@ class PatchEmbedding(nn.Module):
     p = self.patch_size
     if height % p or width % p:
       raise ValueError(f"image {height}x{width} is not a multiple of the patch size {p}")
-    kernel = self.param("kernel", nn.with_logical_partitioning(
+    kernel = stored_param(self, "kernel", nn.with_logical_partitioning(
         nn.initializers.lecun_normal(), (None, None, "channels", "embed")),
-                        (p, p, channels, self.width), jnp.float32)
-    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
-                      (self.width,), jnp.float32)
+                          (p, p, channels, self.width), jnp.float32)
+    bias = stored_param(self, "bias", nn.with_logical_partitioning(
+        nn.initializers.zeros, ("embed",)), (self.width,), jnp.float32)
     patches = image.reshape(batch, height // p, p, width // p, p, channels)
     patches = patches.transpose(0, 1, 3, 2, 4, 5).reshape(batch, -1, p, p, channels)
     tokens = jnp.einsum("bnijc,ijcd->bnd", patches.astype(self.dtype),
@@ -175,8 +176,8 @@ class ViT(nn.Module):
     cfg = self.config
     dtype = cfg.activation_dtype
     x = PatchEmbedding(cfg.width, cfg.patch_size, dtype, name="embedding")(image)
-    posemb = self.param(
-        "pos_embedding",
+    posemb = stored_param(
+        self, "pos_embedding",
         nn.with_logical_partitioning(nn.initializers.normal(stddev=cfg.width ** -0.5),
                                      (None, "position", "embed")),
         (1, cfg.num_patches, cfg.width), jnp.float32)

@@ -25,6 +25,7 @@ from omni_smola.models.attention import MultiHeadAttention
 from omni_smola.models.layers import constrain
 from omni_smola.models.vit import MlpBlock, PatchEmbedding
 from omni_smola.nn import TokenContext
+from omni_smola.nn.stored_param import stored_param
 
 ACTIVATIONS = {
     "gelu": functools.partial(nn.gelu, approximate=False),  # DINOv2 (torch's exact GELU)
@@ -82,8 +83,8 @@ class LayerScale(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
-                       (x.shape[-1],), jnp.float32)
+    scale = stored_param(self, "scale", nn.with_logical_partitioning(
+        nn.initializers.ones, ("embed",)), (x.shape[-1],), jnp.float32)
     return x * jnp.asarray(scale, x.dtype)
 
 

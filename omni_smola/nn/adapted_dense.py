@@ -34,6 +34,7 @@ from omni_smola.nn.lora import LoRA
 from omni_smola.nn.mixlora import MixLoRA
 from omni_smola.nn.mole import MoLE
 from omni_smola.nn.omni_smola import OmniSMoLA, fuses_input_projection
+from omni_smola.nn.stored_param import stored_param
 from omni_smola.nn.task_lora import TaskLoRA
 from omni_smola.nn.token_context import TokenContext
 
@@ -122,7 +123,7 @@ class AdaptedDense(nn.Module):
     kernel_init = self.kernel_init
     if self.kernel_axes:
       kernel_init = nn.with_logical_partitioning(kernel_init, self.kernel_axes)
-    kernel = self.param("kernel", kernel_init, in_shape + features, self.param_dtype)
+    kernel = stored_param(self, "kernel", kernel_init, in_shape + features, self.param_dtype)
     kernel = jnp.asarray(kernel, self.dtype)
     inputs = jnp.asarray(inputs, self.dtype)
     slots = self.plan.residual_slots(self.path_name)

@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from omni_smola.nn.stored_param import stored_param
+
 # The four bilinear corners as (row, col) steps from the floor pixel.
 _CORNERS = np.array([[0, 0], [0, 1], [1, 0], [1, 1]], np.float32)
 
@@ -133,9 +135,9 @@ class DeformableCrossAttention(nn.Module):
     head_dim = feature_width // heads
 
     def projection(name, kernel_shape, kernel_axes, kernel_init, bias_shape, bias_init):
-      kernel = self.param(f"{name}_kernel", nn.with_logical_partitioning(
+      kernel = stored_param(self, f"{name}_kernel", nn.with_logical_partitioning(
           kernel_init, kernel_axes), kernel_shape, jnp.float32)
-      bias = self.param(f"{name}_bias", nn.with_logical_partitioning(
+      bias = stored_param(self, f"{name}_bias", nn.with_logical_partitioning(
           bias_init, kernel_axes[-len(bias_shape):]), bias_shape, jnp.float32)
       return jnp.asarray(kernel, self.dtype), jnp.asarray(bias, self.dtype)
 

@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from omni_smola.nn import initializers
+from omni_smola.nn.stored_param import stored_param
 
 
 class LowRankAdapter(nn.Module):
@@ -53,12 +54,12 @@ class LowRankAdapter(nn.Module):
     axes = tuple(axis for _, axis in stacked)
     rank_axis = ((rank,), ("lora_rank",)) if rank is not None else ((), ())
     down_init = initializers.down_projection if rank is not None else initializers.down_vectors
-    down = self.param(names[0], nn.with_logical_partitioning(
+    down = stored_param(self, names[0], nn.with_logical_partitioning(
         down_init, axes + (self.in_axis,) + rank_axis[1]),
-                      sizes + (self.in_features,) + rank_axis[0], self.param_dtype)
-    up = self.param(names[1], nn.with_logical_partitioning(
+                        sizes + (self.in_features,) + rank_axis[0], self.param_dtype)
+    up = stored_param(self, names[1], nn.with_logical_partitioning(
         initializers.up_projection, axes + rank_axis[1] + (self.out_axis,)),
-                    sizes + rank_axis[0] + (self.out_features,), self.param_dtype)
+                      sizes + rank_axis[0] + (self.out_features,), self.param_dtype)
     return down, up
 
 

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 
 from omni_smola.nn import initializers, routing_stats
 from omni_smola.nn.instruction_router import InstructionRouter
+from omni_smola.nn.stored_param import stored_param
 from omni_smola.nn.token_context import TokenContext
 
 EXPERT_PARAMS = ("down_kernel", "down_bias", "up_kernel", "up_bias", "expert_scale")
@@ -67,8 +68,8 @@ class BottleneckMoLE(nn.Module):
     experts, rank = self.num_experts, self.bottleneck_dim
 
     def param(name, init, shape, axes):
-      return jnp.asarray(self.param(name, nn.with_logical_partitioning(init, axes), shape,
-                                    self.param_dtype), self.dtype)
+      return jnp.asarray(stored_param(self, name, nn.with_logical_partitioning(init, axes),
+                                      shape, self.param_dtype), self.dtype)
 
     down = param("down_kernel", initializers.down_projection, (experts, width, rank),
                  ("expert", self.axis, None))

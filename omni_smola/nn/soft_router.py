@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from omni_smola.nn import initializers
+from omni_smola.nn.stored_param import stored_param
 
 
 def l2_normalize(x, axis, eps=1e-6):
@@ -33,13 +34,13 @@ class SoftRouter(nn.Module):
   in_axis: str = "embed"
 
   def setup(self):
-    self.slot_params = self.param(
-        "slot_params",
+    self.slot_params = stored_param(
+        self, "slot_params",
         nn.with_logical_partitioning(initializers.router_weights,
                                      (self.in_axis, "expert", "slots")),
         (self.in_features, self.num_experts, self.slots_per_expert), jnp.float32)
-    self.scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ()),
-                            (), jnp.float32)
+    self.scale = stored_param(self, "scale", nn.with_logical_partitioning(
+        nn.initializers.ones, ()), (), jnp.float32)
 
   def scaled_unit_slots(self):
     """scale * phi / |phi|, flattened expert-major: [d, e * p] float32."""
