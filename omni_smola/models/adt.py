@@ -28,7 +28,7 @@ import jax.numpy as jnp
 
 from omni_smola.models.attention import MultiHeadAttention
 from omni_smola.models.configs import ADTConfig
-from omni_smola.models.vit import MlpBlock, _layer_norm
+from omni_smola.models.vit import MlpBlock, layer_norm
 from omni_smola.nn import NO_ADAPTERS, TokenContext
 from omni_smola.nn.deformable_attention import (DeformableCrossAttention, check_valid_mask,
                                                 valid_extent)
@@ -89,15 +89,15 @@ class ADTLayer(nn.Module):
     dtype = jnp.dtype(cfg.dtype)
     width = queries.shape[-1]
     context = TokenContext()
-    y = _layer_norm("LayerNorm_0", dtype)(queries)
+    y = layer_norm("LayerNorm_0", dtype)(queries)
     queries = queries + MultiHeadAttention(
         cfg.num_heads, width // cfg.num_heads, init_style="vit", dtype=dtype,
         name="self_attention")(y, y, context, context)
-    y = _layer_norm("LayerNorm_1", dtype)(queries)
+    y = layer_norm("LayerNorm_1", dtype)(queries)
     queries = queries + DeformableCrossAttention(
         cfg.num_heads, cfg.num_points, dtype=dtype, name="cross_attention")(
             y, reference_points, features, valid)
-    y = _layer_norm("LayerNorm_2", dtype)(queries)
+    y = layer_norm("LayerNorm_2", dtype)(queries)
     return queries + MlpBlock(cfg.mlp_ratio * width, dtype=dtype, name="mlp")(y, context)
 
 
@@ -130,7 +130,7 @@ class ADT(nn.Module):
     for i in range(cfg.num_layers):
       queries = ADTLayer(cfg, name=f"layers_{i}")(queries, reference_points, features, valid)
       queries = nn.with_logical_constraint(queries, ("batch", "length", "embed"))
-    queries = _layer_norm("final_norm", jnp.dtype(cfg.dtype))(queries)
+    queries = layer_norm("final_norm", jnp.dtype(cfg.dtype))(queries)
     return _output_projection(self.out_features, jnp.dtype(cfg.dtype))(queries)
 
 

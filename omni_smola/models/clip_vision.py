@@ -19,7 +19,8 @@ import flax.linen as nn
 
 from omni_smola.models.configs import ClipVisionConfig
 from omni_smola.models.vision_features import VisionFeatures, grid_features
-from omni_smola.models.vit_blocks import Transformer, embed_with_class_token, layer_norm
+from omni_smola.models.vit import layer_norm
+from omni_smola.models.vit_blocks import Transformer, embed_with_class_token
 from omni_smola.nn import NO_ADAPTERS
 
 
@@ -38,6 +39,6 @@ class ClipVision(nn.Module):
     dtype = cfg.activation_dtype
     x, grid = embed_with_class_token(self, image, width=cfg.width, patch_size=cfg.patch_size,
                                      grid_size=cfg.grid_size, dtype=dtype)
-    x = layer_norm("pre_norm", cfg.layer_norm_eps, dtype)(x)
+    x = layer_norm("pre_norm", dtype, cfg.layer_norm_eps)(x)
     x = Transformer(cfg, layer_scale=False, final_norm=False, name="Transformer")(x)
     return grid_features(x, 1, grid)

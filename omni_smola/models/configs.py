@@ -159,9 +159,26 @@ def _check_choice(owner: str, field: str, value, choices) -> None:
     raise ValueError(f"{owner}.{field}={value!r} is not one of {sorted(choices)}")
 
 
+class _ClassTokenViT:
+  """What the class-token ViT towers' configs (DINOv2, CLIP) share beyond their fields."""
+
+  def __post_init__(self):
+    name = type(self).__name__
+    layer_stack.check_remat_policy(name, self.remat_policy)
+    _check_choice(name, "activation", self.activation, PRENORM_ACTIVATIONS)
+
+  @property
+  def grid_size(self) -> int:
+    return self.image_size // self.patch_size
+
+  @property
+  def activation_dtype(self):
+    return jnp.dtype(self.dtype)
+
+
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
-class DinoV2Config:
+class DinoV2Config(_ClassTokenViT):
   """A DINOv2 ViT (Oquab et al. 2023; Darcet et al. 2024 for the registers).
 
   Attributes:
@@ -189,22 +206,10 @@ class DinoV2Config:
   remat_policy: str = "nothing_saveable"
   scan_layers: bool = False
 
-  def __post_init__(self):
-    layer_stack.check_remat_policy("DinoV2Config", self.remat_policy)
-    _check_choice("DinoV2Config", "activation", self.activation, PRENORM_ACTIVATIONS)
-
-  @property
-  def grid_size(self) -> int:
-    return self.image_size // self.patch_size
-
-  @property
-  def activation_dtype(self):
-    return jnp.dtype(self.dtype)
-
 
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
-class ClipVisionConfig:
+class ClipVisionConfig(_ClassTokenViT):
   """A CLIP ViT image encoder (Radford et al. 2021): class token, a LayerNorm before the
   blocks, quick-GELU MLPs, LayerNorm eps 1e-5; the tokens come out of the last block
   without a final norm (CLIP's `post_layernorm` only normalises the pooled class token).
@@ -225,18 +230,6 @@ class ClipVisionConfig:
   remat: bool = False
   remat_policy: str = "nothing_saveable"
   scan_layers: bool = False
-
-  def __post_init__(self):
-    layer_stack.check_remat_policy("ClipVisionConfig", self.remat_policy)
-    _check_choice("ClipVisionConfig", "activation", self.activation, PRENORM_ACTIVATIONS)
-
-  @property
-  def grid_size(self) -> int:
-    return self.image_size // self.patch_size
-
-  @property
-  def activation_dtype(self):
-    return jnp.dtype(self.dtype)
 
 
 @gin.configurable

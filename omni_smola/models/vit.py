@@ -70,8 +70,9 @@ def resample_position_embedding(posemb, target: Union[int, Sequence[int]]):
   return np.asarray(resized) if is_numpy else resized
 
 
-def _layer_norm(name, dtype):
-  return nn.LayerNorm(epsilon=1e-6, dtype=dtype, name=name,
+def layer_norm(name: str, dtype, epsilon: float = 1e-6):
+  """LayerNorm with its scale and bias on the `embed` axis (the ViTs' and ADT's)."""
+  return nn.LayerNorm(epsilon=epsilon, dtype=dtype, name=name,
                       scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
                       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))
 
@@ -133,13 +134,13 @@ class EncoderBlock(nn.Module):
     cfg = self.config
     dtype = cfg.activation_dtype
     drop = nn.Dropout(cfg.dropout_rate, deterministic=self.deterministic)
-    y = _layer_norm("LayerNorm_0", dtype)(x)
+    y = layer_norm("LayerNorm_0", dtype)(x)
     y = MultiHeadAttention(cfg.num_heads, cfg.width // cfg.num_heads, init_style="vit",
                            dropout_rate=cfg.dropout_rate, deterministic=self.deterministic,
                            dtype=dtype, name="MultiHeadDotProductAttention_0")(
                                y, y, context, context)
     x = constrain(x + drop(y))
-    y = _layer_norm("LayerNorm_1", dtype)(x)
+    y = layer_norm("LayerNorm_1", dtype)(x)
     y = MlpBlock(cfg.mlp_dim, dropout_rate=cfg.dropout_rate, deterministic=self.deterministic,
                  dtype=dtype, name="MlpBlock_0")(y, context)
     return constrain(x + drop(y))
@@ -156,7 +157,7 @@ class Transformer(nn.Module):
         self, EncoderBlock, x, context, num_layers=cfg.depth, name="encoderblock",
         scan=cfg.scan_layers, remat=cfg.remat, remat_policy=cfg.remat_policy, config=cfg,
         deterministic=not enable_dropout)
-    return _layer_norm("encoder_norm", cfg.activation_dtype)(x)
+    return layer_norm("encoder_norm", cfg.activation_dtype)(x)
 
 
 class ViT(nn.Module):

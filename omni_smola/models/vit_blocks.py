@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from omni_smola.models import bicubic, layer_stack
 from omni_smola.models.attention import MultiHeadAttention
 from omni_smola.models.layers import constrain
-from omni_smola.models.vit import MlpBlock, PatchEmbedding
+from omni_smola.models.vit import MlpBlock, PatchEmbedding, layer_norm
 from omni_smola.nn import TokenContext
 from omni_smola.nn.stored_param import stored_param
 
@@ -32,12 +32,6 @@ ACTIVATIONS = {
     "gelu_tanh": functools.partial(nn.gelu, approximate=True),
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),  # OpenAI CLIP
 }
-
-
-def layer_norm(name: str, epsilon: float, dtype):
-  return nn.LayerNorm(epsilon=epsilon, dtype=dtype, name=name,
-                      scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
-                      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))
 
 
 def embed_with_class_token(owner: nn.Module, image, *, width: int, patch_size: int,
@@ -102,12 +96,12 @@ class PreNormBlock(nn.Module):
     width = x.shape[-1]
     scale = (lambda name: LayerScale(name=name)) if self.layer_scale else (
         lambda name: lambda y: y)
-    y = layer_norm("LayerNorm_0", self.layer_norm_eps, self.dtype)(x)
+    y = layer_norm("LayerNorm_0", self.dtype, self.layer_norm_eps)(x)
     y = MultiHeadAttention(self.num_heads, width // self.num_heads, init_style="vit",
                            dtype=self.dtype, name="MultiHeadDotProductAttention_0")(
                                y, y, context, context)
     x = constrain(x + scale("LayerScale_0")(y))
-    y = layer_norm("LayerNorm_1", self.layer_norm_eps, self.dtype)(x)
+    y = layer_norm("LayerNorm_1", self.dtype, self.layer_norm_eps)(x)
     y = MlpBlock(self.mlp_dim, ACTIVATIONS[self.activation], dtype=self.dtype,
                  name="MlpBlock_0")(y, context)
     return constrain(x + scale("LayerScale_1")(y))
@@ -134,5 +128,5 @@ class Transformer(nn.Module):
         layer_norm_eps=cfg.layer_norm_eps, layer_scale=self.layer_scale,
         dtype=cfg.activation_dtype)
     if self.final_norm:
-      x = layer_norm("encoder_norm", cfg.layer_norm_eps, cfg.activation_dtype)(x)
+      x = layer_norm("encoder_norm", cfg.activation_dtype, cfg.layer_norm_eps)(x)
     return x
