@@ -14,7 +14,8 @@ from omni_smola.nn import TokenContext
 from omni_smola.nn.deformable_attention import (DeformableCrossAttention, bilinear_sample,
                                                 valid_extent)
 from omni_smola.nn.instruction_router import InstructionRouter, prompt_embedding
-from omni_smola.nn.mome_mole import BottleneckMoLE, experts_from_single_adapter
+from omni_smola.nn.mome_mole import (BottleneckMoLE, experts_from_single_adapter,
+                                     single_expert_broadcast)
 
 SHARDING_CHECK = os.path.join(os.path.dirname(__file__), "multidevice_checks",
                               "move_sharding.py")
@@ -298,6 +299,17 @@ def test_stage_two_copies_the_single_adapter_into_every_expert(mole_params, mole
                              rtol=1e-6, atol=1e-6)
   with pytest.raises(ValueError, match="down_kernel: the single adapter has shape"):
     experts_from_single_adapter(mole_params, mole_params)
+
+
+def test_a_scanned_stacks_single_expert_is_copied_along_its_expert_axis():
+  layers, experts = 3, 4
+  single = _normal(13, (layers, 1, 6, 5))  # [layer, expert, d, r]
+  copied = np.asarray(single_expert_broadcast("down_kernel", single, (layers, experts, 6, 5)))
+  for expert in range(experts):
+    np.testing.assert_array_equal(copied[:, expert], np.asarray(single)[:, 0])
+  with pytest.raises(ValueError, match=r"down_kernel: the single adapter has shape "
+                     r"\(3, 2, 6, 5\), the mixture's experts \(3, 4, 6, 5\)"):
+    single_expert_broadcast("down_kernel", _normal(14, (layers, 2, 6, 5)), (layers, 4, 6, 5))
 
 
 # --- bad input ----------------------------------------------------------------------------
