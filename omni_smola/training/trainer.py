@@ -8,7 +8,8 @@
 2. builds the mesh and derives every sharding from logical axis names;
 3. resumes from the latest checkpoint in MODEL_DIR (parameters, optimizer
    state, step, input position), or initialises: fresh parameters, the
-   backbone from INITIAL_CHECKPOINT_PATH when given, adapters fresh;
+   backbone from INITIAL_CHECKPOINT_PATH when given, with the adapters it holds
+   (a generalist's under a specialist, stage 1's MoVE and MoLE), the others fresh;
 4. splits parameters into trainable (optimised) and frozen (closed over);
 5. steps, logging metric sums every `log_period` steps, checkpointing every
    `CheckpointConfig.period` steps, evaluating every `eval_period` steps
@@ -310,7 +311,10 @@ def train(*, model, model_dir: str, train_dataset_cfg: data_iterator.DatasetConf
       towers.check_filled(mask, lambda name: not mask[name], loaded, initial_checkpoint_path)
 
     if initial_checkpoint_path:
-      logging.info("Initialising from %s (adapters fresh)", initial_checkpoint_path)
+      logging.info("Initialising from %s (what it lacks of the adapters: fresh)%s",
+                   initial_checkpoint_path,
+                   "; every MoLE expert a copy of its single adapter"
+                   if mole_experts_from_single_adapter else "")
       initial_checkpoint_allow_missing = (tuple(initial_checkpoint_allow_missing)
                                           + towers.allow_missing)
       params = checkpointing.restore_params(
