@@ -347,10 +347,13 @@ def optimizer_summary(trainable, optimizer_name: Optional[str]) -> Dict[str, Any
 
 def flop_summary(model, leaves: Sequence[Leaf], sites: Sequence[AdaptedSite],
                  records: trace_records.TraceRecords, layout: TokenLayout,
-                 groups: Sequence[str]) -> Dict[str, Any]:
-  """Forward FLOPs of one example per stack (and per token), backbone and adapters."""
+                 groups: Sequence[str], mome: Mapping[str, Mapping[str, int]]
+                 ) -> Dict[str, Any]:
+  """Forward FLOPs of one example per stack (and per token), backbone and adapters.
+
+  `mome`: `mome_flops`, the MoME parts' FLOPs, filed under their groups' columns.
+  """
   backbone = backbone_flops(model, leaves, records, layout)
-  mome = mome_flops(model, layout)
   flops = {}
   for stack in STACKS:
     per_group = {g: _sum(s.flops.get(g, 0) for s in sites if s.stack == stack)
@@ -411,6 +414,7 @@ def _account(model, lengths, trainable_mode, trainable_overrides, optimizer_name
                 if _adapter_spec(model, s.module) is not None
                 and sum(s.params.values()) != s.closed_form_params]
   mome = mome_parts(model, leaves)
+  mome_flop_parts = mome_flops(model, layout)
   mismatches += [f"{part}: counted {p['parameters']}, closed form {p['closed_form']}"
                  for part, p in mome.items() if p["parameters"] != p["closed_form"]]
   vision, text = model.config.vision, model.config.text
@@ -433,12 +437,12 @@ def _account(model, lengths, trainable_mode, trainable_overrides, optimizer_name
       },
       "parameters": parameter_summary(leaves, groups),
       "optimizer": optimizer_summary(split_params(params, mask)[0], optimizer_name),
-      "flops": flop_summary(model, leaves, sites, records, layout, groups),
+      "flops": flop_summary(model, leaves, sites, records, layout, groups, mome_flop_parts),
       "adapted_sites": len(sites),
       "adapted_projections": {module: sorted(s.site for s in sites if s.module == module)
                               for module in sorted({s.module for s in sites})},
       "mome": mome,
-      "mome_flops": mome_flops(model, layout),
+      "mome_flops": mome_flop_parts,
       "closed_form_mismatches": mismatches,
   }
 

@@ -127,8 +127,9 @@ def mome_parts(config: PaliConfig) -> Dict[str, int]:
   parts: Dict[str, int] = {}
   move = config.move
   if move is not None:
+    configs_by_name = towers(config)
     for name in move.tower_names:
-      tower = towers(config)[name]
+      tower = configs_by_name[name]
       parts[f"tower/{name}"] = TOWERS[type(tower)](tower)
       parts[f"move/transform_{name}"] = TRANSFORMS[move.transform](move, tower.width)
     parts["move/tower_router"] = _tower_router(config, instruction_router)
@@ -210,8 +211,9 @@ def mome_flops(config: PaliConfig, tokens: Mapping[str, int]) -> Dict[str, Dict[
   move = config.move
   if move is not None:
     vision = flops.setdefault("vision", {})
+    configs_by_name = towers(config)
     for name in move.tower_names:
-      tower = towers(config)[name]
+      tower = configs_by_name[name]
       vision[f"move/transform_{name}"] = TRANSFORM_FLOPS[move.transform](
           move, tower.width, feature_grid(tower, config.vision.image_size))
     vision["move/tower_router"] = _tower_router(config, instruction_router_flops)

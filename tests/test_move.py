@@ -310,6 +310,10 @@ def test_a_scanned_stacks_single_expert_is_copied_along_its_expert_axis():
   with pytest.raises(ValueError, match=r"down_kernel: the single adapter has shape "
                      r"\(3, 2, 6, 5\), the mixture's experts \(3, 4, 6, 5\)"):
     single_expert_broadcast("down_kernel", _normal(14, (layers, 2, 6, 5)), (layers, 4, 6, 5))
+  # Size 1 on another axis is no single expert: 4 experts' biases of width 1 are refused,
+  # not broadcast to width 6.
+  with pytest.raises(ValueError, match=r"up_bias: the single adapter has shape \(4, 1\)"):
+    single_expert_broadcast("up_bias", _normal(15, (4, 1)), (4, 6))
 
 
 # --- bad input ----------------------------------------------------------------------------

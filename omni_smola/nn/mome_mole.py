@@ -35,7 +35,11 @@ from omni_smola.nn.instruction_router import InstructionRouter
 from omni_smola.nn.stored_param import stored_param
 from omni_smola.nn.token_context import TokenContext
 
-EXPERT_PARAMS = ("down_kernel", "down_bias", "up_kernel", "up_bias", "expert_scale")
+# Each expert parameter's dimensions, the expert axis first: [e, d, r], [e, r], [e, r, d],
+# [e, d], [e]. A scanned stack adds its layer axis in front.
+EXPERT_PARAM_NDIM = {"down_kernel": 3, "down_bias": 2, "up_kernel": 3, "up_bias": 2,
+                     "expert_scale": 1}
+EXPERT_PARAMS = tuple(EXPERT_PARAM_NDIM)
 
 
 def straight_through_top1(probabilities):
@@ -110,13 +114,14 @@ class BottleneckMoLE(nn.Module):
 def single_expert_broadcast(name: str, source, target_shape):
   """`source` (one expert: size 1 on the expert axis) copied to every expert of `target_shape`.
 
-  The expert axis is the one where the shapes differ; a scanned stack's leading layer axis
-  is carried along. Anything else (K experts already, other widths) fails naming `name`.
+  `name` ends in one of `EXPERT_PARAMS`, whose dimensions place the expert axis; a scanned
+  stack's leading layer axis is carried along. Anything else (K experts already, other
+  widths) fails naming `name`.
   """
   source_shape, target_shape = tuple(source.shape), tuple(target_shape)
-  differing = [i for i, (a, b) in enumerate(zip(source_shape, target_shape)) if a != b]
-  if (len(source_shape) != len(target_shape) or len(differing) != 1
-      or source_shape[differing[0]] != 1):
+  expert_axis = len(target_shape) - EXPERT_PARAM_NDIM[name.rsplit("/", 1)[-1]]
+  single = target_shape[:expert_axis] + (1,) + target_shape[expert_axis + 1:]
+  if expert_axis < 0 or source_shape != single:
     raise ValueError(
         f"{name}: the single adapter has shape {source_shape}, the mixture's experts "
         f"{target_shape}: need one expert (size 1 on the expert axis) with the same other "
