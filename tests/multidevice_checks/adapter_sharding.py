@@ -43,8 +43,9 @@ def check(spec, mesh_shape):
   valid = jnp.arange(LENGTH)[None] < jnp.array([[12], [10], [11], [12]])
   context = TokenContext(valid=valid, num_visual_tokens=NUM_VISUAL,
                          instance_features=jnp.ones((BATCH, WIDTH)))
-  boxed = model.init(jax.random.PRNGKey(1), x, context)
-  params = perturbed(nn.unbox(boxed)["params"], jax.random.PRNGKey(2))
+  # Jitted: eagerly, every initialiser and perturbation is its own small compilation.
+  boxed = jax.jit(lambda key: model.init(key, x, context))(jax.random.PRNGKey(1))
+  params = jax.jit(perturbed)(nn.unbox(boxed)["params"], jax.random.PRNGKey(2))
 
   def loss_and_outputs(params, x):
     y = model.apply({"params": params}, x, context)
@@ -68,8 +69,10 @@ def check(spec, mesh_shape):
   for (path, g1), g8 in zip(jax.tree_util.tree_flatten_with_path(single_grads)[0],
                             jax.tree_util.tree_leaves(mesh_grads)):
     # Sharded reductions sum in another order: compare relative to the gradient's scale.
-    scale = float(jnp.max(jnp.abs(g1))) + 1e-6
-    error = float(jnp.max(jnp.abs(g8 - g1)))
+    # In numpy: an eager jnp op per leaf and sharding is a compilation each.
+    g1, g8 = np.asarray(g1), np.asarray(g8)
+    scale = float(np.max(np.abs(g1))) + 1e-6
+    error = float(np.max(np.abs(g8 - g1)))
     assert error <= 1e-4 * scale, (jax.tree_util.keystr(path), error, scale)
   sharded = sum(len(leaf.sharding.device_set) > 1 and not leaf.sharding.is_fully_replicated
                 for leaf in jax.tree_util.tree_leaves(sharded_params))
