@@ -48,6 +48,8 @@ import tensorflow as tf
 from omni_smola import launching
 from omni_smola import param_layout
 from omni_smola.checkpoints import specialist_bank
+from omni_smola.data.pix2struct_inputs import PATCH_FEATURES
+from omni_smola.models.pix2struct_patches import Pix2StructPatching
 from omni_smola.data import (PaliFeatureConverter, VLTask, build_vl_task, contract_source,
                              task_id)
 from omni_smola.training import checkpointing, data_iterator, partitioned_step, trainer
@@ -152,15 +154,18 @@ def _unreadable_image(message: str) -> str:
 
 def infer_features(task: VLTask, images: Sequence[str], question: str,
                    lengths: Dict[str, int], image_size: int,
+                   pix2struct_patching: Optional[Pix2StructPatching] = None,
                    ) -> Tuple[Dict[str, np.ndarray], List[str]]:
-  """({image, encoder_input_tokens} stacked over `images`, each prompt's text).
+  """({image, encoder_input_tokens[, Pix2Struct patches]} stacked over `images`, each
+  prompt's text).
 
   The features the trainer's pipeline makes of these images and this question through
   `task`: its preprocessors (`VLTask.dataset_from_contract`), then `PaliFeatureConverter`
-  at the model's image size.
+  at the model's image size (and Pix2Struct cut).
   """
   examples = task.dataset_from_contract(contract_examples(images, question or ""), lengths)
-  converted = PaliFeatureConverter(image_size=image_size)(examples, lengths)
+  converter = PaliFeatureConverter(image_size=image_size, pix2struct_patching=pix2struct_patching)
+  converted = converter(examples, lengths)
   try:
     seen = list(examples.as_numpy_iterator())
     features = list(converted.as_numpy_iterator())
@@ -170,8 +175,8 @@ def infer_features(task: VLTask, images: Sequence[str], question: str,
   if kept != list(images):  # a task registered with on_corrupt_image='skip' drops them
     dropped = [path for path in images if path not in kept]
     raise launching.FlagError(f"--image: task {task.name!r} cannot decode {dropped}")
-  stacked = {key: np.stack([row[key] for row in features])
-             for key in ("image", "encoder_input_tokens")}
+  keys = ("image", "encoder_input_tokens") + (PATCH_FEATURES if pix2struct_patching else ())
+  stacked = {key: np.stack([row[key] for row in features]) for key in keys}
   return stacked, [row["inputs_pretokenized"].decode() for row in seen]
 
 
@@ -219,7 +224,8 @@ def infer(*, model, checkpoint_path: str, images: Sequence[str],
   size = trainer.image_size_of(model)
   features, prompts, tasks_of = batch_features(
       images, tasks, questions, {"inputs": input_length, "targets": max_decode_length}, size,
-      prompt=prompt, vocabulary=vocabulary)
+      prompt=prompt, vocabulary=vocabulary,
+      pix2struct_patching=trainer.pix2struct_patching_of(model))
   path = (f"SPECIALISTS = {dict(specialists)}" if specialists
           else checkpointing.resolve_checkpoint(checkpoint_path))
   partitioner = partitioner if partitioner is not None else partitioned_step.Partitioner()
@@ -267,6 +273,7 @@ def batch_features(images: Sequence[str], tasks: Sequence[Optional[str]],
                    questions: Sequence[Optional[str]], lengths: Dict[str, int],
                    image_size: int, *, prompt: Optional[str] = None,
                    vocabulary: str = "default",
+                   pix2struct_patching: Optional[Pix2StructPatching] = None,
                    ) -> Tuple[Dict[str, np.ndarray], List[str], List[VLTask]]:
   """(features with `task_id`, prompts, tasks) of `images`, image i asked `tasks[i]`.
 
@@ -281,7 +288,7 @@ def batch_features(images: Sequence[str], tasks: Sequence[Optional[str]],
   rows, prompts, owners = [None] * len(images), [None] * len(images), [None] * len(images)
   for key, indices in groups.items():
     features, asked = infer_features(resolved[key], [images[i] for i in indices], key[1] or "",
-                                     lengths, image_size)
+                                     lengths, image_size, pix2struct_patching)
     for row, index in enumerate(indices):
       rows[index] = {name: value[row] for name, value in features.items()}
       prompts[index], owners[index] = asked[row], resolved[key]

@@ -78,7 +78,8 @@ def check_batch(batch_size: int, num_microbatches: int, data_parallel_size: int,
 def abstract_batch(model, task_feature_lengths: Mapping[str, int], batch_size: int
                    ) -> Dict[str, jax.ShapeDtypeStruct]:
   """The train batch the data pipeline yields (`PaliFeatureConverter`), as shapes."""
-  converter = PaliFeatureConverter(image_size=trainer.image_size_of(model))
+  converter = PaliFeatureConverter(image_size=trainer.image_size_of(model),
+                                   pix2struct_patching=trainer.pix2struct_patching_of(model))
   lengths = converter.get_model_feature_lengths(task_feature_lengths)
   batch = {}
   for name, spec in converter.MODEL_FEATURES.items():

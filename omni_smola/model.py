@@ -13,7 +13,9 @@ Batch features: `image` float32 [b, H, W, 3] in [-1, 1] (PaLI only),
 `encoder_input_tokens` int32 [b, L_in], `decoder_input_tokens` and
 `decoder_target_tokens` int32 [b, L_out] (inputs = targets shifted right, 0 as
 BOS), `decoder_loss_weights` float32 [b, L_out], `task_id` int32 [b] (read only by
-a `task_lora` specialist bank, which gathers each example's specialist by it).
+a `task_lora` specialist bank, which gathers each example's specialist by it); with a
+Pix2Struct tower, `flattened_patches`, `patch_row_ids` and `patch_col_ids`
+(`data.pix2struct_inputs`; without them the tower cuts the squashed image itself).
 Token ids: 0 padding, 1 EOS.
 """
 import re
@@ -27,6 +29,7 @@ import jax.numpy as jnp
 from omni_smola.models import configs, decoding
 from omni_smola.models.attention import CROSS_ATTENTION_KV
 from omni_smola.models.pali import Pali
+from omni_smola.models.pix2struct_patches import FlattenedPatches
 from omni_smola.models.t5 import EncoderDecoder, EncoderOutput
 from omni_smola import param_layout
 from omni_smola.training import program_cache
@@ -186,6 +189,13 @@ class PaliModel:
               "task_ids": batch.get("task_id")}
     if self.has_vision:
       inputs["image"] = batch["image"]
+    if "flattened_patches" in batch:
+      if not self.has_vision or self.config.pix2struct_patching is None:
+        raise ValueError("the batch carries Pix2Struct patches (`flattened_patches`) but the "
+                         "model has no Pix2Struct tower to read them: its pipeline was built "
+                         "for another model")
+      inputs["patches"] = FlattenedPatches(batch["flattened_patches"], batch["patch_row_ids"],
+                                           batch["patch_col_ids"])
     return inputs
 
   def _apply(self, params, *args, **kwargs):

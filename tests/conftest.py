@@ -35,7 +35,7 @@ LONGEST_FIRST = {
     "test_faults.py": 192, "test_demo.py": 111, "test_study.py": 100,
     "test_train_multidevice.py": 72, "test_multiprocess_train.py": 50, "test_train.py": 43,
     "test_adapter_sharding.py": 40, "test_adapter_routing.py": 32, "test_layer_stack.py": 30,
-    "test_products.py": 27, "test_models_pali.py": 24, "test_mome_model.py": 23,
+    "test_products.py": 27, "test_pix2struct_inputs.py": 26, "test_models_pali.py": 24, "test_mome_model.py": 23,
     "test_eval.py": 22, "test_analyze.py": 21, "test_infer.py": 20, "test_params_cli.py": 15,
     "test_memory_plan.py": 14, "test_vl_tasks.py": 14, "test_models_t5.py": 12,
     "test_decoding.py": 11, "test_train_errors.py": 10, "test_adapter_export.py": 10,

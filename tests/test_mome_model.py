@@ -166,6 +166,46 @@ def test_cached_decoding_equals_recomputing_the_decoder(mome):
   assert len(np.unique(np.asarray(cached))) > 3  # really decoded, not a constant
 
 
+def _host_cut(shapes, seed=3):
+  """The batch features `data.pix2struct_inputs` gives images of these shapes."""
+  tower = dict(CONFIG.vision_towers)["pix2struct"]
+  rng = np.random.default_rng(seed)
+  cuts = [pix2struct_patches.flatten_patches(
+      rng.uniform(0, 255, shape + (3,)), patch_size=tower.patch_size,
+      max_patches=tower.max_patches, max_aspect_ratio=tower.max_aspect_ratio) for shape in shapes]
+  return {"flattened_patches": jnp.stack([c.patches for c in cuts]),
+          "patch_row_ids": jnp.stack([c.row_ids for c in cuts]),
+          "patch_col_ids": jnp.stack([c.col_ids for c in cuts])}
+
+
+def test_the_pix2struct_tower_reads_each_examples_host_cut_patches(mome):
+  model, _, params, batch, score = mome
+  # A wide and a tall image, each on its own grid (2 x 6 and 5 x 2 of its 16 patches ...
+  cut = _host_cut([(12, 36), (32, 16)])
+  rows, cols = cut["patch_row_ids"].max(-1), cut["patch_col_ids"].max(-1)
+  assert cols[0] > rows[0] and rows[1] > cols[1], (rows, cols)
+  # ... where the squashed 16 x 16 PaLI image, cut in the model, is 4 x 4 for both).
+  squashed = np.asarray(score(params, batch)[0])
+  host = np.asarray(score(params, dict(batch, **cut))[0])
+  assert not np.allclose(host, squashed, atol=1e-4)
+  # Swapping the two examples' patches changes both examples: each reads its own row.
+  swapped = np.asarray(score(params, dict(batch, **{k: v[::-1] for k, v in cut.items()}))[0])
+  for row in range(2):
+    assert not np.allclose(swapped[row], host[row], atol=1e-4), row
+
+
+def test_patches_the_model_cannot_read_are_refused_naming_the_feature_and_the_tower(mome):
+  model, _, params, batch, _ = mome
+  tower = dict(CONFIG.vision_towers)["pix2struct"]
+  other = dict(batch, **_host_cut([(16, 16), (16, 16)]))
+  other["flattened_patches"] = other["flattened_patches"][:, :-2]
+  with pytest.raises(ValueError, match=r"'flattened_patches' has shape \(2, 14, 48\); "
+                     rf"Pix2Struct tower 'pix2struct' .*max_patches={tower.max_patches}"):
+    jax.eval_shape(lambda p: model.score_batch(p, other), params)
+  with pytest.raises(ValueError, match="carries Pix2Struct patches .* no Pix2Struct tower"):
+    PaliModel("tiny").encode({}, dict(batch, **_host_cut([(16, 16), (16, 16)])))
+
+
 def test_accounting_counts_towers_adt_and_mole_in_closed_form():
   account = accounting.account_model(PaliModel("tiny_mome"), {"inputs": 5, "targets": 4})
   parts = account["mome"]

@@ -55,7 +55,8 @@ def test_loss_decreases_and_run_directory_has_checkpoints_logs_and_config(tiny_r
   assert train_common.read_position(str(model_dir / "checkpoints" / "30")) == {
       "batches_consumed": 30, "mixture_or_task_name": "mini_trio_tiny", "split": "train",
       "batch_size": 8, "seed": 0, "process_count": 1,
-      "task_feature_lengths": {"inputs": 16, "targets": 16}, "image_size": 16}
+      "task_feature_lengths": {"inputs": 16, "targets": 16}, "image_size": 16,
+      "pix2struct_patching": None}
   assert sorted(os.listdir(model_dir / "checkpoints" / "30" / "data_iterator")) == [
       "commit_success.txt", "process_0-of-1.data-00000-of-00001", "process_0-of-1.index"]
 
@@ -206,8 +207,9 @@ def test_a_restored_iterator_continues_mid_epoch_with_the_batches_of_an_uninterr
 class _NoPipeline:
   """Stands in for TrainBatches where only the resume decision is under test."""
 
-  def __init__(self, cfg, image_size, data_parallel_size, batches_to_skip=0):
-    del cfg, image_size, data_parallel_size
+  def __init__(self, cfg, image_size, data_parallel_size, batches_to_skip=0, *,
+               pix2struct_patching=None):
+    del cfg, image_size, data_parallel_size, pix2struct_patching
     self.batches_consumed = batches_to_skip
     self.resumed_from = "skip" if batches_to_skip else "start"
 

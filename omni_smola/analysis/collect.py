@@ -97,13 +97,15 @@ def _pad_rows(batch: Dict[str, np.ndarray], rows: int) -> Dict[str, np.ndarray]:
 
 
 def task_batches(cfg: data_iterator.DatasetConfig, task: str, image_size: int,
-                 num_batches: Optional[int]) -> Iterator[Dict[str, np.ndarray]]:
+                 num_batches: Optional[int], pix2struct_patching=None
+                 ) -> Iterator[Dict[str, np.ndarray]]:
   """Up to `num_batches` batches of `task`, in order, one epoch (one process reads all).
 
   The last batch is padded to full size; `ROW_VALID` marks the real rows.
+  `pix2struct_patching`: as the trainer's pipeline (`trainer.pix2struct_patching_of`).
   """
   dataset = data_iterator.model_dataset(task_config(cfg, task), image_size, num_epochs=1,
-                                        shard=False)
+                                        shard=False, pix2struct_patching=pix2struct_patching)
   dataset = dataset.batch(cfg.batch_size, drop_remainder=False)
   if num_batches is not None:
     dataset = dataset.take(num_batches)

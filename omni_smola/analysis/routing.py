@@ -110,7 +110,8 @@ def analyze(*, model, checkpoint_path: str, dataset_cfg: data_iterator.DatasetCo
   jitted = None
   for task in tasks:
     count = 0
-    for batch in collect.task_batches(dataset_cfg, task, image_size, num_batches):
+    for batch in collect.task_batches(dataset_cfg, task, image_size, num_batches,
+                                      trainer.pix2struct_patching_of(model)):
       if jitted is None:
         jitted = partitioned_step.jit_params_fn(
             partitioner, lambda p, b: collect.routing_statistics(model, p, b),

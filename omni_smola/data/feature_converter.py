@@ -16,6 +16,10 @@ Model features:
   decoder_target_tokens  int32 [L_out]
   decoder_loss_weights   int32 [L_out]   1 on target tokens, 0 on padding
   task_id                int32 []
+and, with `pix2struct_patching` (a model with a Pix2Struct tower), that tower's patches cut
+from the unsquashed image (`pix2struct_inputs`, variable aspect ratio):
+  flattened_patches      float32 [max_patches, p*p*3]
+  patch_row_ids, patch_col_ids  int32 [max_patches]   1-based, 0 marks padding
 
 Sequences are truncated and padded to TASK_FEATURE_LENGTHS = {"inputs": L_in,
 "targets": L_out}; examples are never packed (one image per example). Everything else
@@ -23,13 +27,15 @@ Sequences are truncated and padded to TASK_FEATURE_LENGTHS = {"inputs": L_in,
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence, Union
+from typing import Mapping, Optional, Sequence, Union
 
 import gin
 import seqio
 import tensorflow as tf
 
 from omni_smola.data import images
+from omni_smola.data import pix2struct_inputs
+from omni_smola.models.pix2struct_patches import Pix2StructPatching
 
 _Spec = seqio.FeatureConverter.FeatureSpec
 TEXT_FEATURES = ("inputs", "targets")
@@ -37,7 +43,13 @@ TEXT_FEATURES = ("inputs", "targets")
 
 @gin.configurable(module="omni_smola.data")
 class PaliFeatureConverter(seqio.FeatureConverter):
-  """Converts image+text task examples into PaLI encoder-decoder model features."""
+  """Converts image+text task examples into PaLI encoder-decoder model features.
+
+  Args:
+    image_size: the PaLI image's (H, W), or one side.
+    pix2struct_patching: `PaliConfig.pix2struct_patching` of a model with a Pix2Struct
+      tower: adds its patches, cut from the image before it is squashed.
+  """
 
   TASK_FEATURES = {"inputs": _Spec(dtype=tf.int32), "targets": _Spec(dtype=tf.int32)}
   MODEL_FEATURES = {
@@ -50,13 +62,19 @@ class PaliFeatureConverter(seqio.FeatureConverter):
   }
   PACKING_FEATURE_DTYPES = {}
 
-  def __init__(self, image_size: Union[int, Sequence[int]] = 224, pack: bool = False,
+  def __init__(self, image_size: Union[int, Sequence[int]] = 224,
+               pix2struct_patching: Optional[Pix2StructPatching] = None, pack: bool = False,
                **kwargs):
     if pack:
       raise ValueError("PaliFeatureConverter does not pack: each example has its own image.")
     if isinstance(image_size, int):
       image_size = (image_size, image_size)
     self.image_size = tuple(int(s) for s in image_size)
+    self.pix2struct_patching = pix2struct_patching
+    if pix2struct_patching is not None:
+      self.MODEL_FEATURES = dict(  # pylint: disable=invalid-name
+          self.MODEL_FEATURES, flattened_patches=_Spec(dtype=tf.float32, rank=2),
+          patch_row_ids=_Spec(dtype=tf.int32), patch_col_ids=_Spec(dtype=tf.int32))
     super().__init__(pack=False, **kwargs)
 
   def __call__(self, ds: tf.data.Dataset,
@@ -85,18 +103,22 @@ class PaliFeatureConverter(seqio.FeatureConverter):
     if spec["task_id"].dtype != tf.int32:
       raise ValueError(f"`task_id` must be int32, got {spec['task_id'].dtype.name}.")
     image_size = self.image_size
+    patching = self.pix2struct_patching
     bos_id = self._bos_id
 
     def to_model_features(example):
       task_id = tf.reshape(example["task_id"], [-1])[0]
       image = example["image"]
+      description = (example["example_id"][0] if "example_id" in example
+                     else tf.constant("unnamed"))
       if encoded:
-        description = (example["example_id"][0] if "example_id" in example
-                       else tf.constant("unnamed"))
         image = images.decode_image(image[0], description, task_id)
       inputs = _pad(example["inputs"], task_feature_lengths["inputs"])
       targets = _pad(example["targets"], task_feature_lengths["targets"])
+      patches = ({} if patching is None else
+                 pix2struct_inputs.flatten_patches(image, patching, description))
       return {
+          **patches,
           "image": images.resize_and_normalize(image, image_size),
           "encoder_input_tokens": inputs,
           "decoder_input_tokens": seqio.utils.make_autoregressive_inputs(
@@ -110,7 +132,11 @@ class PaliFeatureConverter(seqio.FeatureConverter):
 
   def get_model_feature_lengths(self, task_feature_lengths: Mapping[str, int]
                                 ) -> Mapping[str, int]:
+    patches = ({} if self.pix2struct_patching is None else
+               dict.fromkeys(pix2struct_inputs.PATCH_FEATURES,
+                             self.pix2struct_patching.max_patches))
     return {
+        **patches,
         "image": self.image_size[0],
         "encoder_input_tokens": task_feature_lengths["inputs"],
         "decoder_input_tokens": task_feature_lengths["targets"],

@@ -170,7 +170,8 @@ class ModelEvaluator:
     self.last_failures: Dict[str, str] = {}  # {task: reason} of the last evaluation
     self.evaluator = _TaskIsolatingEvaluator(
         mixture_or_task_name=dataset_cfg.mixture_or_task_name,
-        feature_converter=PaliFeatureConverter(image_size=image_size),
+        feature_converter=PaliFeatureConverter(
+            image_size=image_size, pix2struct_patching=model.config.pix2struct_patching),
         eval_split=dataset_cfg.split, use_cached=dataset_cfg.use_cached,
         seed=dataset_cfg.seed, sequence_length=dataset_cfg.task_feature_lengths or None,
         num_examples=num_examples, shuffle=bool(num_examples and dataset_cfg.shuffle),

@@ -26,6 +26,7 @@ import gin
 import jax.numpy as jnp
 
 from omni_smola.models import layer_stack
+from omni_smola.models.pix2struct_patches import Pix2StructPatching
 
 T5_VOCAB_SIZE = 32128  # 32,000 SentencePiece pieces + 100 extra ids, padded to 128
 MT5_VOCAB_SIZE = 250112
@@ -144,6 +145,20 @@ class PaliConfig:
 
   def __post_init__(self):
     check_mome_towers(self)
+
+  @property
+  def pix2struct_patching(self):
+    """The Pix2Struct towers' `Pix2StructPatching`, cut on the host from the unsquashed
+    image (`data.pix2struct_inputs`); None without such a tower. Every Pix2Struct tower
+    reads the same patches (the batch carries one set): they must cut alike."""
+    cuts = {name: Pix2StructPatching(c.patch_size, c.max_patches, c.max_aspect_ratio)
+            for name, c in self.vision_towers if isinstance(c, Pix2StructVisionConfig)}
+    if len(set(cuts.values())) > 1:
+      raise ValueError(f"PaliConfig.vision_towers: the Pix2Struct towers cut their patches "
+                       f"differently ({cuts}), but a batch carries one set of host-cut "
+                       "patches: give them the same patch_size, max_patches and "
+                       "max_aspect_ratio")
+    return next(iter(cuts.values()), None)
 
 
 # ----------------------------------------------------------------------------- MoME's towers

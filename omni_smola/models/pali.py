@@ -54,22 +54,25 @@ class Pali(nn.Module):
         adapters=NO_ADAPTERS, dtype=self.config.text.activation_dtype)
     self.text = EncoderDecoder(self.config.text)
 
-  def encode(self, image, encoder_input_tokens, *, task_ids=None,
+  def encode(self, image, encoder_input_tokens, *, task_ids=None, patches=None,
              enable_dropout: bool = False) -> EncoderOutput:
-    """Image [b, H, W, 3] in [-1, 1], prompt tokens [b, L_in] (0 = padding), task ids [b]."""
+    """Image [b, H, W, 3] in [-1, 1], prompt tokens [b, L_in] (0 = padding), task ids [b];
+    `patches`: the host-cut `FlattenedPatches` a Pix2Struct tower reads (MoME)."""
     if self.config.move is None:
       visual = self.img(image, enable_dropout)
     else:
-      visual = self.mixture_of_vision_experts(image, encoder_input_tokens, enable_dropout)
+      visual = self.mixture_of_vision_experts(image, encoder_input_tokens, enable_dropout,
+                                              patches)
     img_tokens = self.img_projection(visual)
     self.sow("intermediates", "img_tokens", img_tokens)
     return self.text.encode(encoder_input_tokens, img_tokens, task_ids=task_ids,
                             enable_dropout=enable_dropout)
 
-  def mixture_of_vision_experts(self, image, encoder_input_tokens, enable_dropout: bool):
+  def mixture_of_vision_experts(self, image, encoder_input_tokens, enable_dropout: bool,
+                                patches=None):
     """MoVE's fused tokens [b, L, move.width] from every tower and the prompt."""
     vit = self.config.vision
-    features = dict(self.vision_towers(image))
+    features = dict(self.vision_towers(image, patches))
     grid = (image.shape[1] // vit.patch_size, image.shape[2] // vit.patch_size)
     features[PALI_VIT_TOWER] = grid_features(self.img(image, enable_dropout), 0, grid)
     towers = [features[name] for name in self.config.move.tower_names]
@@ -89,8 +92,8 @@ class Pali(nn.Module):
                             decoder_target_tokens=decoder_target_tokens)
 
   def __call__(self, image, encoder_input_tokens, decoder_input_tokens, *, task_ids=None,
-               enable_dropout: bool = False, decoder_target_tokens=None):
+               patches=None, enable_dropout: bool = False, decoder_target_tokens=None):
     encoder_output = self.encode(image, encoder_input_tokens, task_ids=task_ids,
-                                 enable_dropout=enable_dropout)
+                                 patches=patches, enable_dropout=enable_dropout)
     return self.decode(encoder_output, decoder_input_tokens, enable_dropout=enable_dropout,
                        decoder_target_tokens=decoder_target_tokens)

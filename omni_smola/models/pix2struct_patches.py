@@ -21,6 +21,21 @@ import jax
 import numpy as np
 
 
+class Pix2StructPatching(NamedTuple):
+  """How a Pix2Struct tower cuts its images: `Pix2StructVisionConfig`'s three fields.
+
+  What the input pipeline needs to cut the patches on the host
+  (`data.pix2struct_inputs`), from the unsquashed image.
+  """
+  patch_size: int
+  max_patches: int
+  max_aspect_ratio: float
+
+  @property
+  def patch_dim(self) -> int:
+    return self.patch_size * self.patch_size * 3
+
+
 class FlattenedPatches(NamedTuple):
   """patches [max_patches, p*p*c] float32; row_ids, col_ids [max_patches] int32 (0: padding)."""
   patches: np.ndarray

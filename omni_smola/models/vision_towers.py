@@ -7,22 +7,21 @@ The PaLI input is one fixed-size image batch [b, H, W, 3] in [-1, 1] (SigLIP's p
   (ImageNet's, CLIP's), at the PaLI resolution; their position embeddings are resized to
   that grid (bicubic, as transformers' `interpolate_pos_encoding`), so H and W need only
   be multiples of the tower's patch size.
-* Pix2Struct: patches cut inside the model (`image_patches`), as
-  `pix2struct_patches.flatten_patches` cuts them on the host (a test holds the two equal):
-  per-image standardisation, a resize to the largest grid with the image's aspect ratio
-  within `max_patches`, row/column ids, padding to `max_patches`. Because the PaLI image
-  has one static size, every image of a batch gets the same grid: with the square images
-  of the mini mixture that is a square grid at the tower's own patch budget (its own
-  resolution, not a different aspect ratio). Images of other aspect ratios need the data
-  pipeline to keep them unsquashed, which `PaliFeatureConverter` does not (docs/DESIGN.md
-  §3.7).
+* Pix2Struct: the patches the input pipeline cut from the unsquashed image
+  (`data.pix2struct_inputs`, the batch's `flattened_patches`, `patch_row_ids`,
+  `patch_col_ids`): each image at its own aspect ratio, on its own grid within
+  `max_patches`. The trainer, the evaluator, `infer` and `analyze` build their pipelines
+  with them (`PaliConfig.pix2struct_patching`). A caller that hands the model only the
+  PaLI image gets them cut inside the model (`image_patches`, as
+  `pix2struct_patches.flatten_patches`; a test holds the two equal) from that squashed
+  image: one grid for the whole batch, the aspect ratio lost.
 
 Parameters: `vision_towers/<name>/...`, each tower's own layout (`models.dinov2`,
 `models.clip_vision`, `models.pix2struct_vision`), so `checkpoints.hf_vision_towers` fills
 them one to one. Towers are frozen feature extractors: no adapter reaches them.
 """
 import math
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -31,7 +30,7 @@ import jax.numpy as jnp
 from omni_smola.models.clip_vision import ClipVision
 from omni_smola.models.configs import ClipVisionConfig, DinoV2Config, Pix2StructVisionConfig
 from omni_smola.models.dinov2 import DinoV2
-from omni_smola.models.pix2struct_patches import canvas_grid, patch_grid
+from omni_smola.models.pix2struct_patches import FlattenedPatches, canvas_grid, patch_grid
 from omni_smola.models.pix2struct_vision import Pix2StructVision
 from omni_smola.models.vision_features import VisionFeatures
 from omni_smola.nn import NO_ADAPTERS
@@ -80,6 +79,22 @@ def image_patches(image, config: Pix2StructVisionConfig):
   return patches, batched(row_ids), batched(col_ids)
 
 
+def host_patches(patches: FlattenedPatches, config: Pix2StructVisionConfig, name: str):
+  """The batch's host-cut patches, checked against the tower that reads them."""
+  batch = patches.patches.shape[0]
+  want = {"flattened_patches": (batch, config.max_patches, config.patch_dim),
+          "patch_row_ids": (batch, config.max_patches),
+          "patch_col_ids": (batch, config.max_patches)}
+  for (feature, shape), array in zip(want.items(), patches):
+    if tuple(array.shape) != shape:
+      raise ValueError(
+          f"batch feature {feature!r} has shape {tuple(array.shape)}; Pix2Struct tower "
+          f"{name!r} (patch_size={config.patch_size}, max_patches={config.max_patches}) "
+          f"reads {shape}: the pipeline was built for another tower "
+          "(PaliFeatureConverter.pix2struct_patching = PaliConfig.pix2struct_patching)")
+  return tuple(patches)
+
+
 # A tower's config type -> (its module, what it takes from the PaLI image).
 TOWERS: Dict[type, Tuple[type, Callable[[Any, Any], tuple]]] = {
     DinoV2Config: (DinoV2, lambda image, cfg: (renormalise(image, IMAGENET_PIXELS),)),
@@ -91,6 +106,9 @@ TOWERS: Dict[type, Tuple[type, Callable[[Any, Any], tuple]]] = {
 class VisionTowers(nn.Module):
   """Image [b, H, W, 3] in [-1, 1] -> {name: `VisionFeatures`}, one per tower.
 
+  `patches`: the batch's host-cut `FlattenedPatches` [b, ...], which Pix2Struct towers read
+  instead of cutting the PaLI image.
+
   Attributes:
     towers: ((name, config), ...), `PaliConfig.vision_towers`.
   """
@@ -98,9 +116,14 @@ class VisionTowers(nn.Module):
   adapters = NO_ADAPTERS  # frozen feature extractors, inside any adapted model too
 
   @nn.compact
-  def __call__(self, image) -> Dict[str, VisionFeatures]:
+  def __call__(self, image, patches: Optional[FlattenedPatches] = None
+               ) -> Dict[str, VisionFeatures]:
     out = {}
     for name, config in self.towers:
       module, inputs = TOWERS[type(config)]
-      out[name] = module(config, name=name)(*inputs(image, config))
+      if patches is not None and isinstance(config, Pix2StructVisionConfig):
+        args = host_patches(patches, config, name)
+      else:
+        args = inputs(image, config)
+      out[name] = module(config, name=name)(*args)
     return out

@@ -34,13 +34,14 @@ import seqio
 import tensorflow as tf
 
 from omni_smola.data import PaliFeatureConverter
+from omni_smola.models.pix2struct_patches import Pix2StructPatching
 from omni_smola.training import iterator_state
 
 # What a checkpoint's position records about the pipeline. A change of these changes
 # which examples come in which order (neither a saved state nor a skip replays the run):
 ORDER_FIELDS = ("mixture_or_task_name", "split", "batch_size", "seed")
 # ... of these, the batches' shapes only (a skip still replays the examples) ...
-SHAPE_FIELDS = ("task_feature_lengths", "image_size")
+SHAPE_FIELDS = ("task_feature_lengths", "image_size", "pix2struct_patching")
 # ... and of these, which host reads which rows: the saved per-host iterator states no
 # longer apply, but a skip continues the same global order (`model_dataset`).
 HOST_FIELDS = ("process_count",)
@@ -111,7 +112,8 @@ def check_batch_size(batch_size: int, data_parallel_size: int) -> int:
 
 
 def model_dataset(cfg: DatasetConfig, image_size: int, *, num_epochs: Optional[int] = None,
-                  shard: bool = True, examples_to_skip: int = 0) -> tf.data.Dataset:
+                  shard: bool = True, examples_to_skip: int = 0,
+                  pix2struct_patching: Optional[Pix2StructPatching] = None) -> tf.data.Dataset:
   """The converted (unbatched) model-feature dataset of this host's rows.
 
   Every host builds the same global stream of task examples (a function of the
@@ -122,6 +124,8 @@ def model_dataset(cfg: DatasetConfig, image_size: int, *, num_epochs: Optional[i
   elastic; it costs each host the reading and tokenizing of every example, which
   `seqio.ShardInfo` at the source would divide by n but tie the order to n.
   `examples_to_skip` skips global examples, before any host's share and decoding.
+  `pix2struct_patching` (`PaliConfig.pix2struct_patching`) adds a Pix2Struct tower's
+  patches, cut from the unsquashed images (`data.pix2struct_inputs`).
   """
   dataset = seqio.get_mixture_or_task(cfg.mixture_or_task_name).get_dataset(
       cfg.task_feature_lengths, split=cfg.split, use_cached=cfg.use_cached,
@@ -130,7 +134,7 @@ def model_dataset(cfg: DatasetConfig, image_size: int, *, num_epochs: Optional[i
     dataset = dataset.skip(examples_to_skip)
   if shard and jax.process_count() > 1:
     dataset = dataset.shard(jax.process_count(), jax.process_index())
-  return PaliFeatureConverter(image_size=image_size)(
+  return PaliFeatureConverter(image_size=image_size, pix2struct_patching=pix2struct_patching)(
       dataset, task_feature_lengths=cfg.task_feature_lengths)
 
 
@@ -138,19 +142,21 @@ class TrainBatches(Iterator[Dict[str, np.ndarray]]):
   """This host's training batches, endlessly, starting after `batches_to_skip`."""
 
   def __init__(self, cfg: DatasetConfig, image_size: int, data_parallel_size: int,
-               batches_to_skip: int = 0):
+               batches_to_skip: int = 0, *,
+               pix2struct_patching: Optional[Pix2StructPatching] = None):
     if cfg.seed is None:
       logging.warning("DatasetConfig.seed is None: the input order is not reproducible "
                       "and a resumed run will not see the examples it would have seen")
     self.cfg = cfg
     self.image_size = image_size
+    self.pix2struct_patching = pix2struct_patching
     self.local_batch_size = check_batch_size(cfg.batch_size, data_parallel_size)
     if batches_to_skip:
       logging.info("Skipping the %d batches the restored run already consumed",
                    batches_to_skip)
     # `batches_to_skip` counts global batches: skip their examples in the global order.
-    dataset = model_dataset(cfg, image_size, examples_to_skip=batches_to_skip * cfg.batch_size
-                            ).batch(self.local_batch_size, drop_remainder=True)
+    dataset = model_dataset(cfg, image_size, examples_to_skip=batches_to_skip * cfg.batch_size,
+                            pix2struct_patching=pix2struct_patching).batch(self.local_batch_size, drop_remainder=True)
     options = tf.data.Options()
     # Checkpointing an iterator refuses stateful functions by default. Ours are the
     # `tf.py_function`s of data/images.py, which decode or check one image and keep
@@ -186,21 +192,34 @@ class TrainBatches(Iterator[Dict[str, np.ndarray]]):
             "split": self.cfg.split, "batch_size": self.cfg.batch_size,
             "seed": self.cfg.seed, "process_count": jax.process_count(),
             "task_feature_lengths": dict(self.cfg.task_feature_lengths),
-            "image_size": self.image_size}
+            "image_size": self.image_size,
+            "pix2struct_patching": _patching_record(self.pix2struct_patching)}
 
 
-def _now(cfg: DatasetConfig, image_size: int) -> Dict[str, object]:
+def _patching_record(patching: Optional[Pix2StructPatching]):
+  return None if patching is None else list(patching)
+
+
+def _now(cfg: DatasetConfig, image_size: int,
+         pix2struct_patching: Optional[Pix2StructPatching] = None) -> Dict[str, object]:
   """The pipeline's fields as a position records them (JSON types)."""
   return json.loads(json.dumps({
       "mixture_or_task_name": cfg.mixture_or_task_name, "split": cfg.split,
       "batch_size": cfg.batch_size, "seed": cfg.seed, "process_count": jax.process_count(),
-      "task_feature_lengths": dict(cfg.task_feature_lengths), "image_size": image_size}))
+      "task_feature_lengths": dict(cfg.task_feature_lengths), "image_size": image_size,
+      "pix2struct_patching": _patching_record(pix2struct_patching)}))
+
+
+# Fields newer than some checkpoints, with the value their pipelines had.
+UNRECORDED_DEFAULTS = {"pix2struct_patching": None}
 
 
 def pipeline_changes(position: Mapping[str, object], cfg: DatasetConfig, image_size: int,
-                     fields: Sequence[str], *, unrecorded_changed: bool) -> List[str]:
+                     fields: Sequence[str], *, unrecorded_changed: bool,
+                     pix2struct_patching: Optional[Pix2StructPatching] = None) -> List[str]:
   """'field: saved -> now' for each of `fields` that differs from the checkpoint's."""
-  now = _now(cfg, image_size)
+  now = _now(cfg, image_size, pix2struct_patching)
+  position = {**UNRECORDED_DEFAULTS, **position}
   changes = []
   for field in fields:
     if field not in position:
@@ -224,11 +243,13 @@ def batches_to_skip(position: Mapping[str, object], cfg: DatasetConfig) -> int:
 
 def resume(cfg: DatasetConfig, image_size: int, data_parallel_size: int,
            position: Mapping[str, object], state_prefix: Optional[str],
-           missing_reason: Optional[str] = None) -> TrainBatches:
+           missing_reason: Optional[str] = None, *,
+           pix2struct_patching: Optional[Pix2StructPatching] = None) -> TrainBatches:
   """This host's batches after a restored checkpoint, from its iterator state if it can.
 
   Args:
-    cfg, image_size, data_parallel_size: the pipeline, as for `TrainBatches`.
+    cfg, image_size, data_parallel_size, pix2struct_patching: the pipeline, as for
+      `TrainBatches`.
     position: the checkpoint's `data` item (`TrainBatches.position()`).
     state_prefix, missing_reason: `iterator_state.locate` of the step directory.
   """
@@ -236,16 +257,19 @@ def resume(cfg: DatasetConfig, image_size: int, data_parallel_size: int,
   # Recorded changes first: a state saved by two hosts is "missing" for one, but the
   # host count is the reason. A field the position lacks disqualifies a state too.
   fields = ORDER_FIELDS + SHAPE_FIELDS + HOST_FIELDS
-  changed = pipeline_changes(position, cfg, image_size, fields, unrecorded_changed=False)
+  changed = pipeline_changes(position, cfg, image_size, fields, unrecorded_changed=False,
+                             pix2struct_patching=pix2struct_patching)
   if not changed and state_prefix is not None:
-    changed = pipeline_changes(position, cfg, image_size, fields, unrecorded_changed=True)
+    changed = pipeline_changes(position, cfg, image_size, fields, unrecorded_changed=True,
+                               pix2struct_patching=pix2struct_patching)
   reason = None
   if changed:
     reason = f"it was saved by another input pipeline ({'; '.join(changed)})"
   elif state_prefix is None:
     reason = missing_reason or "the checkpoint has no input iterator state"
   if reason is None:
-    batches = TrainBatches(cfg, image_size, data_parallel_size)
+    batches = TrainBatches(cfg, image_size, data_parallel_size,
+                           pix2struct_patching=pix2struct_patching)
     try:
       batches.restore(state_prefix, consumed)
     except (tf.errors.OpError, AssertionError, ValueError) as e:
@@ -259,4 +283,5 @@ def resume(cfg: DatasetConfig, image_size: int, data_parallel_size: int,
                   "batches instead, which pulls each of them through the pipeline again",
                   reason, consumed)
   return TrainBatches(cfg, image_size, data_parallel_size,
-                      batches_to_skip=batches_to_skip(position, cfg))
+                      batches_to_skip=batches_to_skip(position, cfg),
+                      pix2struct_patching=pix2struct_patching)

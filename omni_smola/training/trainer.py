@@ -84,6 +84,11 @@ def image_size_of(model) -> int:
   return model.config.vision.image_size if model.config.vision is not None else 224
 
 
+def pix2struct_patching_of(model):
+  """What the pipeline cuts for the model's Pix2Struct tower (None without one)."""
+  return model.config.pix2struct_patching if model.config.vision is not None else None
+
+
 @dataclasses.dataclass
 class _Layout:
   """Abstract parameters, the trainable mask and every sharding of a run."""
@@ -349,11 +354,13 @@ def train(*, model, model_dir: str, train_dataset_cfg: data_iterator.DatasetConf
   skipped_examples = _skipped_examples_counter()  # before the pipeline starts reading
   if position is None:
     batches = data_iterator.TrainBatches(train_dataset_cfg, image_size_of(model),
-                                         partitioner.data_parallel_size)
+                                         partitioner.data_parallel_size,
+                                         pix2struct_patching=pix2struct_patching_of(model))
   else:
     batches = data_iterator.resume(train_dataset_cfg, image_size_of(model),
                                    partitioner.data_parallel_size, position,
-                                   *checkpointer.data_iterator_state(latest))
+                                   *checkpointer.data_iterator_state(latest),
+                                   pix2struct_patching=pix2struct_patching_of(model))
   example = next(batches)
   jitted = partitioned_step.jit_train_step(
       partitioner, step_fn, layout.state_sharding, layout.frozen_sharding,

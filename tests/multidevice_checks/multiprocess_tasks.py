@@ -7,6 +7,8 @@ sampling anywhere. So any process reading shard i of n sees exactly the examples
 i, i + n, ... of the unsharded order, and a global batch assembled from n
 processes holds the same examples as one process's batch.
 
+`mp_strips` has images of three aspect ratios (1, 2 and 3 to 1), for MoME's Pix2Struct tower.
+
 `mp_indexed` names its example's index in the question ("example 17"), so that the
 elastic-restore test can tell which examples a host count saw, once each or not.
 """
@@ -34,6 +36,13 @@ def _counts(index):
   return image, "how many squares?", tf.strings.as_string(count)
 
 
+def _strips(index):
+  """A 16-pixel-high strip 1, 2 or 3 times as wide: a Pix2Struct tower's own grids."""
+  widths = index % 3 + 1
+  image = tf.fill(tf.stack([16, 16 * widths, 3]), tf.constant(90, tf.uint8))
+  return image, "how wide is the strip?", tf.strings.as_string(widths)
+
+
 def _indexed(index):
   image = tf.zeros([16, 16, 3], tf.uint8)
   return image, tf.strings.join(["example ", tf.strings.as_string(index)]), tf.constant("x")
@@ -58,6 +67,8 @@ for _name, _make in (("mp_colors", _colors), ("mp_counts", _counts)):
   register_vl_task(_name, source=_source(_make), prompt="answer en {question}",
                    vocabulary=seqio.ByteVocabulary(), sample_target=False)
 register_vl_mixture("mp_mixture", {"mp_colors": 1.0, "mp_counts": 1.0})
+register_vl_task("mp_strips", source=_source(_strips), prompt="answer en {question}",
+                 vocabulary=seqio.ByteVocabulary(), sample_target=False, shuffle_buffer_size=16)
 # A small shuffle buffer keeps its pipelines quick; one epoch is still a permutation.
 register_vl_task("mp_indexed", source=_source(_indexed), prompt="{question}",
                  vocabulary=seqio.ByteVocabulary(), sample_target=False,

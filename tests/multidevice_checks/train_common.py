@@ -135,7 +135,8 @@ SHARED_RUN_STEPS = 30
 # beside its session directories, where a later session (and newer code) finds it.
 # 2: checkpoints hold the input iterator's state.
 # 3: the run trains on mini_trio_tiny (was mini_generalist_tiny).
-SHARED_RUN_FORMAT = 3
+# 4: positions record the Pix2Struct cut; one layer per stack.
+SHARED_RUN_FORMAT = 4
 
 
 def shared_tiny_run(root: str, data_dir: str):
