@@ -92,7 +92,8 @@ def test_the_iterator_position_records_the_cut_and_a_changed_cut_is_a_changed_pi
   assert changed == ["pix2struct_patching: [4, 64, 4.0] -> [4, 32, 4.0]"]
   # A checkpoint from before the field had no Pix2Struct patches: unchanged for a model
   # without the tower, changed for one with it.
-  old = {k: v for k, v in data_iterator._now(cfg, 16).items() if k != "pix2struct_patching"}  # pylint: disable=protected-access
+  now = data_iterator._now(cfg, 16)  # pylint: disable=protected-access
+  old = {k: v for k, v in now.items() if k != "pix2struct_patching"}
   assert not data_iterator.pipeline_changes(old, cfg, 16, fields, unrecorded_changed=True)
   assert data_iterator.pipeline_changes(old, cfg, 16, fields, unrecorded_changed=True,
                                         pix2struct_patching=PATCHING)

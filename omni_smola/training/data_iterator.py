@@ -156,7 +156,8 @@ class TrainBatches(Iterator[Dict[str, np.ndarray]]):
                    batches_to_skip)
     # `batches_to_skip` counts global batches: skip their examples in the global order.
     dataset = model_dataset(cfg, image_size, examples_to_skip=batches_to_skip * cfg.batch_size,
-                            pix2struct_patching=pix2struct_patching).batch(self.local_batch_size, drop_remainder=True)
+                            pix2struct_patching=pix2struct_patching
+                            ).batch(self.local_batch_size, drop_remainder=True)
     options = tf.data.Options()
     # Checkpointing an iterator refuses stateful functions by default. Ours are the
     # `tf.py_function`s of data/images.py, which decode or check one image and keep
