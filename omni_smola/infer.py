@@ -144,9 +144,14 @@ def contract_examples(images: Sequence[str], question: str = "") -> tf.data.Data
 
 
 def _unreadable_image(message: str) -> str:
-  """The file and reason of the converter's CorruptImageError, without its dataset advice."""
+  """The file and reason of the converter's CorruptImageError, without its dataset advice;
+  or the Pix2Struct cut's refusal of an image too elongated, as plain text."""
   found = re.search(r"image_id=(.*?), question_id=.*?cannot be decoded: (.*?)\.? Fix or",
                     message, re.S)
+  if "Pix2Struct patches" in message:  # data.pix2struct_inputs: too elongated for the tower
+    parts = message.split("Summarized data:")[-1].strip().splitlines()
+    return "--image: " + " ".join(re.sub(r"""^b(['"])(.*)\1$""", r"\2", p.strip())
+                                  for p in parts if p.strip())
   if not found:
     return f"--image: cannot decode an image: {message.strip().splitlines()[0]}"
   return f"--image={found.group(1)}: cannot be decoded: {found.group(2)}"

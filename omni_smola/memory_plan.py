@@ -80,12 +80,9 @@ def abstract_batch(model, task_feature_lengths: Mapping[str, int], batch_size: i
   """The train batch the data pipeline yields (`PaliFeatureConverter`), as shapes."""
   converter = PaliFeatureConverter(image_size=trainer.image_size_of(model),
                                    pix2struct_patching=trainer.pix2struct_patching_of(model))
-  lengths = converter.get_model_feature_lengths(task_feature_lengths)
-  batch = {}
-  for name, spec in converter.MODEL_FEATURES.items():
-    shape = {0: (), 1: (lengths[name],), 3: (lengths[name], lengths[name], 3)}[spec.rank]
-    batch[name] = jax.ShapeDtypeStruct((batch_size,) + shape, spec.dtype.as_numpy_dtype)
-  return batch
+  shapes = converter.model_feature_shapes(task_feature_lengths)
+  return {name: jax.ShapeDtypeStruct((batch_size,) + shapes[name], spec.dtype.as_numpy_dtype)
+          for name, spec in converter.MODEL_FEATURES.items()}
 
 
 def tree_bytes(tree, per_device: bool = True) -> int:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from omni_smola import data
+from omni_smola import data, memory_plan
 from omni_smola.model import PaliModel
 from omni_smola.data import pix2struct_inputs
 from omni_smola.models import configs
@@ -57,6 +57,8 @@ def test_the_converter_adds_each_examples_own_grid_only_for_a_pix2struct_model()
   batch = next(converter(_examples([wide, tall]), LENGTHS).batch(2).as_numpy_iterator())
   assert batch["flattened_patches"].shape == (2, 64, 48)
   assert batch["image"].shape == (2, 16, 16, 3)  # the other towers' squashed image
+  # What the memory plan budgets for is what the pipeline yields.
+  assert {k: v.shape[1:] for k, v in batch.items()} == converter.model_feature_shapes(LENGTHS)
   grids = [(rows.max(), cols.max()) for rows, cols in
            zip(batch["patch_row_ids"], batch["patch_col_ids"])]
   assert grids[0][1] > grids[0][0] and grids[1][0] > grids[1][1], grids
@@ -121,3 +123,21 @@ def test_the_trainer_feeds_the_mome_model_each_images_own_grid(tmp_path, monkeyp
       np.zeros((16, 16 * w, 3)), patch_size=tower.patch_size, max_patches=tower.max_patches,
       max_aspect_ratio=tower.max_aspect_ratio)[1:]) for w in (1, 2, 3)}
   assert grids == want, (grids, want)  # 4 x 4, 2 x 5 and 2 x 6 (rows x columns)
+
+
+def test_the_memory_plan_budgets_the_patches_of_a_mome_model():
+  batch = memory_plan.abstract_batch(PaliModel("tiny_mome"), LENGTHS, batch_size=2)
+  assert batch["flattened_patches"].shape == (2, 16, 48)  # tiny_mome: 16 patches of 4 px
+  assert batch["patch_row_ids"].shape == batch["patch_col_ids"].shape == (2, 16)
+  assert batch["image"].shape == (2, 16, 16, 3)
+
+
+def test_infer_names_an_image_too_elongated_for_the_tower():
+  from omni_smola import infer  # pylint: disable=g-import-not-at-top
+  with pytest.raises(tf.errors.InvalidArgumentError) as error:
+    pix2struct_inputs.flatten_patches(tf.zeros((10, 50, 3), tf.uint8), PATCHING,
+                                      tf.constant("image_id=/tmp/long.png, question_id=q"))
+  said = infer._unreadable_image(error.value.message)  # pylint: disable=protected-access
+  assert said.startswith("--image: Pix2Struct patches: the image of example"), said
+  assert "image_id=/tmp/long.png" in said and "max_aspect_ratio=4.0" in said, said
+  assert "b'" not in said, said

@@ -27,7 +27,7 @@ Sequences are truncated and padded to TASK_FEATURE_LENGTHS = {"inputs": L_in,
 """
 from __future__ import annotations
 
-from typing import Mapping, Optional, Sequence, Union
+from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import gin
 import seqio
@@ -129,6 +129,23 @@ class PaliFeatureConverter(seqio.FeatureConverter):
       }
 
     return ds.map(to_model_features, num_parallel_calls=tf.data.AUTOTUNE)
+
+  def model_feature_shapes(self, task_feature_lengths: Mapping[str, int]
+                           ) -> Dict[str, Tuple[int, ...]]:
+    """Each model feature's shape in one example (the memory plan's batch)."""
+    shapes = {
+        "image": self.image_size + (3,),
+        "encoder_input_tokens": (task_feature_lengths["inputs"],),
+        "decoder_input_tokens": (task_feature_lengths["targets"],),
+        "decoder_target_tokens": (task_feature_lengths["targets"],),
+        "decoder_loss_weights": (task_feature_lengths["targets"],),
+        "task_id": (),
+    }
+    patching = self.pix2struct_patching
+    if patching is not None:
+      shapes["flattened_patches"] = (patching.max_patches, patching.patch_dim)
+      shapes["patch_row_ids"] = shapes["patch_col_ids"] = (patching.max_patches,)
+    return shapes
 
   def get_model_feature_lengths(self, task_feature_lengths: Mapping[str, int]
                                 ) -> Mapping[str, int]:
