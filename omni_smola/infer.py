@@ -48,8 +48,7 @@ import tensorflow as tf
 from omni_smola import launching
 from omni_smola import param_layout
 from omni_smola.checkpoints import specialist_bank
-from omni_smola.data.pix2struct_inputs import PATCH_FEATURES
-from omni_smola.models.pix2struct_patches import Pix2StructPatching
+from omni_smola.models.pix2struct_patches import PATCH_FEATURES, Pix2StructPatching
 from omni_smola.data import (PaliFeatureConverter, VLTask, build_vl_task, contract_source,
                              task_id)
 from omni_smola.training import checkpointing, data_iterator, partitioned_step, trainer
@@ -146,12 +145,12 @@ def contract_examples(images: Sequence[str], question: str = "") -> tf.data.Data
 def _unreadable_image(message: str) -> str:
   """The file and reason of the converter's CorruptImageError, without its dataset advice;
   or the Pix2Struct cut's refusal of an image too elongated, as plain text."""
-  found = re.search(r"image_id=(.*?), question_id=.*?cannot be decoded: (.*?)\.? Fix or",
-                    message, re.S)
   if "Pix2Struct patches" in message:  # data.pix2struct_inputs: too elongated for the tower
     parts = message.split("Summarized data:")[-1].strip().splitlines()
     return "--image: " + " ".join(re.sub(r"""^b(['"])(.*)\1$""", r"\2", p.strip())
                                   for p in parts if p.strip())
+  found = re.search(r"image_id=(.*?), question_id=.*?cannot be decoded: (.*?)\.? Fix or",
+                    message, re.S)
   if not found:
     return f"--image: cannot decode an image: {message.strip().splitlines()[0]}"
   return f"--image={found.group(1)}: cannot be decoded: {found.group(2)}"
@@ -230,7 +229,7 @@ def infer(*, model, checkpoint_path: str, images: Sequence[str],
   features, prompts, tasks_of = batch_features(
       images, tasks, questions, {"inputs": input_length, "targets": max_decode_length}, size,
       prompt=prompt, vocabulary=vocabulary,
-      pix2struct_patching=trainer.pix2struct_patching_of(model))
+      pix2struct_patching=model.config.pix2struct_patching)
   path = (f"SPECIALISTS = {dict(specialists)}" if specialists
           else checkpointing.resolve_checkpoint(checkpoint_path))
   partitioner = partitioner if partitioner is not None else partitioned_step.Partitioner()

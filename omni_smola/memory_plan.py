@@ -79,7 +79,7 @@ def abstract_batch(model, task_feature_lengths: Mapping[str, int], batch_size: i
                    ) -> Dict[str, jax.ShapeDtypeStruct]:
   """The train batch the data pipeline yields (`PaliFeatureConverter`), as shapes."""
   converter = PaliFeatureConverter(image_size=trainer.image_size_of(model),
-                                   pix2struct_patching=trainer.pix2struct_patching_of(model))
+                                   pix2struct_patching=model.config.pix2struct_patching)
   shapes = converter.model_feature_shapes(task_feature_lengths)
   return {name: jax.ShapeDtypeStruct((batch_size,) + shapes[name], spec.dtype.as_numpy_dtype)
           for name, spec in converter.MODEL_FEATURES.items()}

@@ -190,7 +190,7 @@ class PaliModel:
     if self.has_vision:
       inputs["image"] = batch["image"]
     if "flattened_patches" in batch:
-      if not self.has_vision or self.config.pix2struct_patching is None:
+      if self.config.pix2struct_patching is None:
         raise ValueError("the batch carries Pix2Struct patches (`flattened_patches`) but the "
                          "model has no Pix2Struct tower to read them: its pipeline was built "
                          "for another model")

@@ -102,7 +102,7 @@ def task_batches(cfg: data_iterator.DatasetConfig, task: str, image_size: int,
   """Up to `num_batches` batches of `task`, in order, one epoch (one process reads all).
 
   The last batch is padded to full size; `ROW_VALID` marks the real rows.
-  `pix2struct_patching`: as the trainer's pipeline (`trainer.pix2struct_patching_of`).
+  `pix2struct_patching`: as the trainer's pipeline (`PaliConfig.pix2struct_patching`).
   """
   dataset = data_iterator.model_dataset(task_config(cfg, task), image_size, num_epochs=1,
                                         shard=False, pix2struct_patching=pix2struct_patching)

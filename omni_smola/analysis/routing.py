@@ -111,7 +111,7 @@ def analyze(*, model, checkpoint_path: str, dataset_cfg: data_iterator.DatasetCo
   for task in tasks:
     count = 0
     for batch in collect.task_batches(dataset_cfg, task, image_size, num_batches,
-                                      trainer.pix2struct_patching_of(model)):
+                                      model.config.pix2struct_patching):
       if jitted is None:
         jitted = partitioned_step.jit_params_fn(
             partitioner, lambda p, b: collect.routing_statistics(model, p, b),

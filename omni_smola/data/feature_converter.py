@@ -72,9 +72,10 @@ class PaliFeatureConverter(seqio.FeatureConverter):
     self.image_size = tuple(int(s) for s in image_size)
     self.pix2struct_patching = pix2struct_patching
     if pix2struct_patching is not None:
-      self.MODEL_FEATURES = dict(  # pylint: disable=invalid-name
-          self.MODEL_FEATURES, flattened_patches=_Spec(dtype=tf.float32, rank=2),
-          patch_row_ids=_Spec(dtype=tf.int32), patch_col_ids=_Spec(dtype=tf.int32))
+      self.MODEL_FEATURES = {  # pylint: disable=invalid-name
+          **self.MODEL_FEATURES,
+          **{name: _Spec(dtype=pix2struct_inputs.FEATURE_DTYPES[name], rank=len(shape))
+             for name, shape in pix2struct_patching.feature_shapes().items()}}
     super().__init__(pack=False, **kwargs)
 
   def __call__(self, ds: tf.data.Dataset,
@@ -141,26 +142,16 @@ class PaliFeatureConverter(seqio.FeatureConverter):
         "decoder_loss_weights": (task_feature_lengths["targets"],),
         "task_id": (),
     }
-    patching = self.pix2struct_patching
-    if patching is not None:
-      shapes["flattened_patches"] = (patching.max_patches, patching.patch_dim)
-      shapes["patch_row_ids"] = shapes["patch_col_ids"] = (patching.max_patches,)
+    if self.pix2struct_patching is not None:
+      shapes.update(self.pix2struct_patching.feature_shapes())
     return shapes
 
   def get_model_feature_lengths(self, task_feature_lengths: Mapping[str, int]
                                 ) -> Mapping[str, int]:
-    patches = ({} if self.pix2struct_patching is None else
-               dict.fromkeys(pix2struct_inputs.PATCH_FEATURES,
-                             self.pix2struct_patching.max_patches))
-    return {
-        **patches,
-        "image": self.image_size[0],
-        "encoder_input_tokens": task_feature_lengths["inputs"],
-        "decoder_input_tokens": task_feature_lengths["targets"],
-        "decoder_target_tokens": task_feature_lengths["targets"],
-        "decoder_loss_weights": task_feature_lengths["targets"],
-        "task_id": 1,  # rank 0: seqio skips the length check
-    }
+    """Each feature's length along its first axis; rank 0 (`task_id`) gives 1, whose
+    length check seqio skips."""
+    return {name: shape[0] if shape else 1
+            for name, shape in self.model_feature_shapes(task_feature_lengths).items()}
 
 
 def _pad(tokens: tf.Tensor, length: int) -> tf.Tensor:

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from omni_smola.models.pix2struct_patches import Pix2StructPatching
+from omni_smola.models.pix2struct_patches import PATCH_FEATURES, Pix2StructPatching
 
-PATCH_FEATURES = ("flattened_patches", "patch_row_ids", "patch_col_ids")
+FEATURE_DTYPES = dict(zip(PATCH_FEATURES, (tf.float32, tf.int32, tf.int32)))
 
 
 def flatten_patches(image: tf.Tensor, patching: Pix2StructPatching,
@@ -61,7 +61,6 @@ def flatten_patches(image: tf.Tensor, patching: Pix2StructPatching,
       "patch_row_ids": tf.pad(tf.repeat(tf.range(1, rows + 1), cols), [[0, padding]]),
       "patch_col_ids": tf.pad(tf.tile(tf.range(1, cols + 1), [rows]), [[0, padding]]),
   }
-  features["flattened_patches"].set_shape([budget, patching.patch_dim])
-  features["patch_row_ids"].set_shape([budget])
-  features["patch_col_ids"].set_shape([budget])
+  for name, shape in patching.feature_shapes().items():
+    features[name].set_shape(shape)
   return features

@@ -151,8 +151,8 @@ class PaliConfig:
     """The Pix2Struct towers' `Pix2StructPatching`, cut on the host from the unsquashed
     image (`data.pix2struct_inputs`); None without such a tower. Every Pix2Struct tower
     reads the same patches (the batch carries one set): they must cut alike."""
-    cuts = {name: Pix2StructPatching(c.patch_size, c.max_patches, c.max_aspect_ratio)
-            for name, c in self.vision_towers if isinstance(c, Pix2StructVisionConfig)}
+    cuts = {name: c.patching for name, c in self.vision_towers
+            if isinstance(c, Pix2StructVisionConfig)}
     if len(set(cuts.values())) > 1:
       raise ValueError(f"PaliConfig.vision_towers: the Pix2Struct towers cut their patches "
                        f"differently ({cuts}), but a batch carries one set of host-cut "
@@ -288,7 +288,12 @@ class Pix2StructVisionConfig:
 
   @property
   def patch_dim(self) -> int:
-    return self.patch_size * self.patch_size * 3
+    return self.patching.patch_dim
+
+  @property
+  def patching(self) -> Pix2StructPatching:
+    """What the input pipeline needs to cut this tower's patches."""
+    return Pix2StructPatching(self.patch_size, self.max_patches, self.max_aspect_ratio)
 
   @property
   def activation_dtype(self):

@@ -15,10 +15,15 @@ Runs on the host per image (numpy in, numpy out; the resize is `jax.image.resize
 antialiased bilinear, as transformers' torchvision resize).
 """
 import math
-from typing import NamedTuple, Tuple
+from typing import Dict, NamedTuple, Tuple
 
 import jax
 import numpy as np
+
+
+# The batch features of host-cut patches (`data.pix2struct_inputs`), in `FlattenedPatches`'
+# order.
+PATCH_FEATURES = ("flattened_patches", "patch_row_ids", "patch_col_ids")
 
 
 class Pix2StructPatching(NamedTuple):
@@ -34,6 +39,11 @@ class Pix2StructPatching(NamedTuple):
   @property
   def patch_dim(self) -> int:
     return self.patch_size * self.patch_size * 3
+
+  def feature_shapes(self) -> Dict[str, Tuple[int, ...]]:
+    """{feature of `PATCH_FEATURES`: its shape in one example}."""
+    return dict(zip(PATCH_FEATURES, ((self.max_patches, self.patch_dim), (self.max_patches,),
+                                     (self.max_patches,))))
 
 
 class FlattenedPatches(NamedTuple):

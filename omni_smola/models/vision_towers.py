@@ -82,10 +82,8 @@ def image_patches(image, config: Pix2StructVisionConfig):
 def host_patches(patches: FlattenedPatches, config: Pix2StructVisionConfig, name: str):
   """The batch's host-cut patches, checked against the tower that reads them."""
   batch = patches.patches.shape[0]
-  want = {"flattened_patches": (batch, config.max_patches, config.patch_dim),
-          "patch_row_ids": (batch, config.max_patches),
-          "patch_col_ids": (batch, config.max_patches)}
-  for (feature, shape), array in zip(want.items(), patches):
+  for (feature, shape), array in zip(config.patching.feature_shapes().items(), patches):
+    shape = (batch,) + shape
     if tuple(array.shape) != shape:
       raise ValueError(
           f"batch feature {feature!r} has shape {tuple(array.shape)}; Pix2Struct tower "

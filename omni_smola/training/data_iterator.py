@@ -189,16 +189,7 @@ class TrainBatches(Iterator[Dict[str, np.ndarray]]):
   def position(self) -> Dict[str, object]:
     """What a checkpoint records to resume here (with the iterator's state)."""
     return {"batches_consumed": self.batches_consumed,
-            "mixture_or_task_name": self.cfg.mixture_or_task_name,
-            "split": self.cfg.split, "batch_size": self.cfg.batch_size,
-            "seed": self.cfg.seed, "process_count": jax.process_count(),
-            "task_feature_lengths": dict(self.cfg.task_feature_lengths),
-            "image_size": self.image_size,
-            "pix2struct_patching": _patching_record(self.pix2struct_patching)}
-
-
-def _patching_record(patching: Optional[Pix2StructPatching]):
-  return None if patching is None else list(patching)
+            **_now(self.cfg, self.image_size, self.pix2struct_patching)}
 
 
 def _now(cfg: DatasetConfig, image_size: int,
@@ -208,7 +199,7 @@ def _now(cfg: DatasetConfig, image_size: int,
       "mixture_or_task_name": cfg.mixture_or_task_name, "split": cfg.split,
       "batch_size": cfg.batch_size, "seed": cfg.seed, "process_count": jax.process_count(),
       "task_feature_lengths": dict(cfg.task_feature_lengths), "image_size": image_size,
-      "pix2struct_patching": _patching_record(pix2struct_patching)}))
+      "pix2struct_patching": pix2struct_patching}))
 
 
 # Fields newer than some checkpoints, with the value their pipelines had.

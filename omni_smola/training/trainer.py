@@ -84,11 +84,6 @@ def image_size_of(model) -> int:
   return model.config.vision.image_size if model.config.vision is not None else 224
 
 
-def pix2struct_patching_of(model):
-  """What the pipeline cuts for the model's Pix2Struct tower (None without one)."""
-  return model.config.pix2struct_patching if model.config.vision is not None else None
-
-
 @dataclasses.dataclass
 class _Layout:
   """Abstract parameters, the trainable mask and every sharding of a run."""
@@ -355,12 +350,12 @@ def train(*, model, model_dir: str, train_dataset_cfg: data_iterator.DatasetConf
   if position is None:
     batches = data_iterator.TrainBatches(train_dataset_cfg, image_size_of(model),
                                          partitioner.data_parallel_size,
-                                         pix2struct_patching=pix2struct_patching_of(model))
+                                         pix2struct_patching=model.config.pix2struct_patching)
   else:
     batches = data_iterator.resume(train_dataset_cfg, image_size_of(model),
                                    partitioner.data_parallel_size, position,
                                    *checkpointer.data_iterator_state(latest),
-                                   pix2struct_patching=pix2struct_patching_of(model))
+                                   pix2struct_patching=model.config.pix2struct_patching)
   example = next(batches)
   jitted = partitioned_step.jit_train_step(
       partitioner, step_fn, layout.state_sharding, layout.frozen_sharding,
