@@ -17,6 +17,9 @@ import pytest
 
 import tasks.mini
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "multidevice_checks"))
+import train_common  # noqa: E402
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The mini mixture's three-task part (a caption, a count, a reading; every metric kind):
 # a third of the input pipelines the nine tasks build in each of the eight phases.
@@ -26,9 +29,8 @@ COLUMNS = ("backbone", "backbone + FT", "LoRA-{rank}", "Omni-SMoLA")
 # compiles: Omni-SMoLA with 2 experts per group on its every projection trains 120,365
 # parameters; a LoRA on the same projections 5,376 per rank: the demo's LoRA gets rank 22.
 MATCHED_LORA_RANK = 22
-ONE_LAYER_PER_STACK = ("omni_smola.models.configs.T5Config.num_encoder_layers=1",
-                       "omni_smola.models.configs.T5Config.num_decoder_layers=1",
-                       "omni_smola.models.configs.ViTConfig.depth=1")
+ONE_LAYER_PER_STACK = tuple(f"{field}={value}"
+                            for field, value in train_common.ONE_LAYER_PER_STACK.items())
 TRIO = f"MIXTURE_OR_TASK_NAME='{tasks.mini.trio_name('tiny')}'"
 DEMO_FLAGS = " ".join(["--data_config=tiny --pretrain_steps=2 --generalist_steps=2",
                        "--eval_examples=2 --experts_per_group=2",

@@ -12,6 +12,14 @@ import tempfile
 from typing import Dict, List, Optional, Sequence
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# One layer per stack: what every tiny run traces and compiles halves (Omni-SMoLA's
+# projections are most of it). The demo's test binds it too. Stacks of several layers are
+# test_layer_stack's, test_models_*'s and test_analyze's (its own bindings).
+ONE_LAYER_PER_STACK: Dict[str, object] = {
+    "omni_smola.models.configs.T5Config.num_encoder_layers": 1,
+    "omni_smola.models.configs.T5Config.num_decoder_layers": 1,
+    "omni_smola.models.configs.ViTConfig.depth": 1,
+}
 GIN_FILES = ("models/tiny.gin", "adapters/omni_smola.gin", "runs/generalist.gin")
 BINDINGS: Dict[str, object] = {
     "MIXTURE_OR_TASK_NAME": "mini_trio_tiny",  # three tasks: a third of the pipelines
@@ -26,12 +34,7 @@ BINDINGS: Dict[str, object] = {
     "omni_smola.nn.adapter_spec.AdapterSpec.rank": 2,
     "omni_smola.nn.adapter_spec.AdapterSpec.experts_per_group": {"mm": 2, "vis": 2, "txt": 2},
     "omni_smola.training.trainer.train.log_period": 5,
-    # One layer per stack, as the demo's test: what every run here traces and compiles
-    # halves (Omni-SMoLA's projections are most of it). Stacks of several layers are
-    # test_layer_stack's, test_models_*'s and test_analyze's (its own bindings).
-    "omni_smola.models.configs.T5Config.num_encoder_layers": 1,
-    "omni_smola.models.configs.T5Config.num_decoder_layers": 1,
-    "omni_smola.models.configs.ViTConfig.depth": 1,
+    **ONE_LAYER_PER_STACK,
 }
 # What the eval and infer runs share with training: the model, its adapter, the data.
 MODEL_BINDINGS = {k: v for k, v in BINDINGS.items()
