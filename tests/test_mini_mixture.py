@@ -2,6 +2,7 @@
 feature converter, and oracle evaluation. Uses the `tiny` config (648 examples, seconds)."""
 import dataclasses
 import importlib
+import io
 import os
 
 import numpy as np
@@ -13,8 +14,12 @@ import tensorflow_datasets as tfds
 import tasks
 from omni_smola import data
 from tasks import mini
+from omni_smola.models.pix2struct_patches import Pix2StructPatching
+from omni_smola.studies import mixtures as study_mixtures
+from tasks.mini import banners
 from tasks.mini import builder as mini_builder
 from tasks.mini import photos
+from tasks.mini import text as mini_text
 
 LENGTHS = {"inputs": 16, "targets": 12}
 IMAGE_SIZE = 32
@@ -103,7 +108,8 @@ def _oracle(ds):
   return [(index, ex["decoder_target_tokens"]) for index, ex in ds.as_numpy_iterator()]
 
 
-@pytest.mark.parametrize("task_name", ["mini_shapes_count_tiny", "mini_text_read_tiny"])
+@pytest.mark.parametrize("task_name", ["mini_shapes_count_tiny", "mini_text_read_tiny",
+                                       "mini_banner_read_tiny"])
 def test_evaluator_scores_oracle_predictions_100(data_dir, task_name):
   del data_dir
   evaluator = seqio.Evaluator(mixture_or_task_name=task_name, logger_cls=(),
@@ -162,10 +168,12 @@ def test_reimporting_the_registrations_does_not_raise():
   assert len(names) == 9 and all(not n.endswith("_tiny") for n in names)
 
 
-def test_shipped_vocabulary_covers_the_mixture_text():
+@pytest.mark.parametrize("config,subtasks", [(mini_builder.TINY, mini.SUBTASKS),
+                                             (mini_builder.BANNERS_TINY, mini.BANNER_SUBTASKS)])
+def test_shipped_vocabulary_covers_the_mixture_text(config, subtasks):
   vocab = data.get_vocabulary("mini")
-  for subtask in mini.SUBTASKS:
-    for sample in mini_builder.samples(mini_builder.TINY, subtask, "validation"):
+  for subtask in subtasks:
+    for sample in mini_builder.samples(config, subtask, "validation"):
       for text in (sample.question, *sample.answers):
         ids = vocab.encode(text)
         assert vocab.decode(ids) == text
@@ -243,3 +251,53 @@ def test_vl_tasks_never_cache_their_source_in_memory(data_dir):
     assert b"CacheDataset" not in graph, name
   rows = list(datasets["task"].take(3).as_numpy_iterator())
   assert len(rows) == 3 and all(row["targets"].size for row in rows)
+
+
+def test_banners_are_their_own_dataset_and_only_the_studys_mixtures_read_them(data_dir):
+  del data_dir
+  builder = mini.prepare("tiny", builder=mini.MiniVlBanners)  # the data dir of the fixture
+  splits = builder.info.splits
+  assert [splits[f"banner_read_{s}"].num_examples for s in ("train", "validation", "test")] \
+      == [40, 16, 16]
+  assert builder.info.features["image"].shape == (None, None, 3)
+  def task_names(mixture):
+    return {t.name for t in seqio.get_mixture_or_task(mixture).tasks}
+  assert "mini_banner_read_tiny" not in task_names("mini_generalist_tiny")
+  assert task_names("mini_generalist_banners_tiny") == \
+      task_names("mini_generalist_tiny") | {"mini_banner_read_tiny"}
+  assert "mini_banner_read" in task_names("mini_text_digits_banners")
+  assert study_mixtures.BANNER_SUBTASKS == ["banner_read"]
+
+
+def test_a_banner_is_one_whole_word_32px_tall_and_two_to_four_times_as_wide():
+  ratios = []
+  for sample in mini_builder.samples(mini_builder.BANNERS_FULL, "banner_read", "validation"):
+    image = sample.render()
+    height, width, _ = image.shape
+    assert height == banners.BANNER_HEIGHT and width % height == 0, image.shape
+    ratios.append(width // height)
+    (word,) = sample.answers
+    assert word in mini_text.WORDS and sample.question in banners.QUESTIONS
+    ink = np.abs(image.astype(int) - image[0, 0]).sum(-1) > 60
+    columns = np.flatnonzero(ink.any(0))
+    assert columns[0] > 0 and columns[-1] < width - 1, word  # not cut at either end
+  assert set(ratios) == set(banners.ASPECT_RATIOS)
+
+
+def test_a_banner_reaches_the_pix2struct_tower_at_its_own_shape(data_dir):
+  """The mini MoME model's Pix2Struct-like tower (4 px patches, 64 of them) gets a grid of
+  the banner's shape; the squashed image the ViTs read is square."""
+  del data_dir
+  patching = Pix2StructPatching(patch_size=4, max_patches=64, max_aspect_ratio=4.0)
+  task = seqio.get_mixture_or_task("mini_banner_read_tiny")
+  ds = task.get_dataset(LENGTHS, split="validation", shuffle=False, num_epochs=1)
+  converter = data.PaliFeatureConverter(image_size=IMAGE_SIZE, pix2struct_patching=patching)
+  grids = {}
+  for example, converted in zip(ds.as_numpy_iterator(),
+                                converter(ds, LENGTHS).as_numpy_iterator()):
+    width, height = PIL.Image.open(io.BytesIO(example["image"][0])).size
+    assert converted["image"].shape == (IMAGE_SIZE, IMAGE_SIZE, 3)
+    grid = (converted["patch_row_ids"].max(), converted["patch_col_ids"].max())
+    assert grids.setdefault(width // height, grid) == grid
+  # Pix2Struct's scale: sqrt(64 * 4 * 4 / (32 * width)), floored per side.
+  assert grids == {2: (5, 11), 3: (4, 13), 4: (4, 16)}

@@ -8,6 +8,11 @@ quick study's data). Listed in a study's `task_modules`.
   MoME study pretrains one vision tower on each, so the towers specialise as MoME's
   separately pretrained experts do. Together they are the nine tasks of `mini_generalist`,
   at its rates.
+* `mini_generalist_banners` and `mini_text_digits_banners`: the same with `banner_read`
+  added, the one task whose images are not square (words on banners 2-4 times as wide as
+  tall, dataset mini_vl_banners). MoME's study trains and scores its arms on the first and
+  pretrains its Pix2Struct-like tower, the one that reads an image at its own shape, on the
+  second.
 """
 from typing import Mapping, Sequence
 
@@ -33,3 +38,8 @@ def _register(name: str, subtasks: Sequence[str], rates: Mapping[str, float]) ->
 _register("mini_captions", CAPTION_SUBTASKS, {s: 1.0 for s in CAPTION_SUBTASKS})
 _register("mini_photos_shapes", PHOTOS_SHAPES_SUBTASKS, tasks.mini.DEFAULT_RATES)
 _register("mini_text_digits", TEXT_DIGITS_SUBTASKS, tasks.mini.DEFAULT_RATES)
+BANNER_SUBTASKS = list(tasks.mini.BANNER_SUBTASKS)
+_register("mini_generalist_banners", list(tasks.mini.SUBTASKS) + BANNER_SUBTASKS,
+          tasks.mini.DEFAULT_RATES)
+_register("mini_text_digits_banners", TEXT_DIGITS_SUBTASKS + BANNER_SUBTASKS,
+          tasks.mini.DEFAULT_RATES)

@@ -5,6 +5,8 @@ Importing this module registers, for the `full` dataset config:
   mini_digits_qa  mini_photo_caption  mini_photo_qa  mini_text_read  mini_text_caption
   mini_generalist (mixture of the nine)
   mini_trio (three of them: shapes_caption, shapes_count, text_read; smoke runs, tests)
+  mini_banner_read (words on wide banners, from the dataset mini_vl_banners; in no
+                    mixture here: MoME's study adds it, omni_smola/studies/mixtures.py)
 and the same names with a `_tiny` suffix for the `tiny` config (tests, smoke runs), e.g.
 `mini_generalist_tiny`. The dataset is generated into the data dir on first use (see
 `source.py` for where); `prepare()` or `python -m tasks.mini --config full` does it ahead
@@ -14,7 +16,7 @@ of time. All use the shipped `mini` vocabulary. Re-importing, or calling
 What the mixture can show (our measurements, `mini` model at 32 px, one CPU; the README's
 "The offline mini mixture" has the tables). Chance (the most common training answer, scored
 on validation, % exact match), version 1.2.0: count 39.8, colour 15.6, spatial 18.0, digits
-9.8, photo QA 4.0, reading 4.4. Every question task is learned well above chance by a model
+9.8, photo QA 4.0, reading 4.4 (banner reading, mini_vl_banners 1.0.0: 4.2). Every question task is learned well above chance by a model
 trained on it alone from scratch, 300 steps (count 53.9, spatial 47.7, digits 37.5 / 26.6
 and reading 15.6 / 34.4 at seeds 0 / 1). Earlier versions had tasks no model learned:
 1.0.0 drew digits and words too small for 32 px (digits 8.2%, reading 0%); 1.1.0 asked
@@ -30,7 +32,8 @@ from typing import Mapping, Optional
 from omni_smola.data import CAPTION_PROMPT, VQA_PROMPT, register_vl_mixture, register_vl_task
 from omni_smola.evaluation import metrics
 from omni_smola.evaluation import postprocessors
-from tasks.mini.builder import FULL, TINY, SUBTASKS, MiniVl, MiniVlConfig  # registers mini_vl
+from tasks.mini.builder import BANNER_SUBTASKS, FULL, SUBTASKS, TINY  # registers both datasets
+from tasks.mini.builder import MiniVl, MiniVlBanners, MiniVlConfig
 from tasks.mini.source import DATA_DIR_ENV, prepare, resolve_data_dir, set_data_dir
 from tasks.mini.source import MiniTfdsSource
 
@@ -52,11 +55,12 @@ TASK_KWARGS = {
     "photo_qa": _SHORT_ANSWER,
     "text_read": _READING,
     "text_caption": _CAPTION,
+    "banner_read": _READING,
 }
-assert set(TASK_KWARGS) == set(SUBTASKS)
+assert set(TASK_KWARGS) == set(SUBTASKS) | set(BANNER_SUBTASKS)
 
 # The photo tasks repeat 22 subjects, so they get less of the mixture.
-DEFAULT_RATES = {subtask: 1.0 for subtask in SUBTASKS}
+DEFAULT_RATES = {subtask: 1.0 for subtask in TASK_KWARGS}
 DEFAULT_RATES.update(photo_caption=0.5, photo_qa=0.5)
 
 

@@ -41,8 +41,9 @@ def resolve_data_dir() -> Optional[str]:
   return seqio_override or os.environ.get(DATA_DIR_ENV) or None
 
 
-def tfds_name(config: str) -> str:
-  return f"mini_vl/{config}:{mini_builder.MiniVl.VERSION}"
+def tfds_name(config: str, builder: type = mini_builder.MiniVl) -> str:
+  """`builder`'s dataset name at `config` and its version, e.g. mini_vl/full:1.2.0."""
+  return f"{builder.name}/{config}:{builder.VERSION}"
 
 
 @contextlib.contextmanager
@@ -79,14 +80,15 @@ def prepare_builder(builder: tfds.core.DatasetBuilder) -> tfds.core.DatasetBuild
   return builder
 
 
-def prepare(config: str = "full", data_dir: Optional[str] = None) -> tfds.core.DatasetBuilder:
-  """Builds the mini dataset (`config` "full" or "tiny") if needed and returns its builder.
+def prepare(config: str = "full", data_dir: Optional[str] = None,
+            builder: type = mini_builder.MiniVl) -> tfds.core.DatasetBuilder:
+  """Builds `builder`'s dataset (`config` "full" or "tiny") if needed and returns it.
 
   `data_dir` also becomes the directory every mini task reads from (`set_data_dir`).
   """
   if data_dir is not None:
     set_data_dir(data_dir)
-  return prepare_builder(tfds.builder(tfds_name(config), data_dir=resolve_data_dir()))
+  return prepare_builder(tfds.builder(tfds_name(config, builder), data_dir=resolve_data_dir()))
 
 
 class MiniTfdsSource(registration.VLTfdsSource):
@@ -94,7 +96,7 @@ class MiniTfdsSource(registration.VLTfdsSource):
 
   def __init__(self, config: str, subtask: str):
     super().__init__(
-        tfds_name=tfds_name(config),
+        tfds_name=tfds_name(config, mini_builder.BUILDERS[subtask]),
         splits={split: mini_builder.split_name(subtask, split) for split in SPLITS},
         decoders={"image": tfds.decode.SkipDecoding()},
         read_only=True)

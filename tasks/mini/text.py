@@ -33,12 +33,12 @@ MARGIN = 2
 
 
 @functools.lru_cache(maxsize=None)
-def _font(size: int) -> PIL.ImageFont.FreeTypeFont:
+def font(size: int) -> PIL.ImageFont.FreeTypeFont:
   return PIL.ImageFont.load_default(size=size)
 
 
 def _fits(text: str, size: int) -> tuple[int, int] | None:
-  left, top, right, bottom = _font(size).getbbox(text)
+  left, top, right, bottom = font(size).getbbox(text)
   width, height = right - left, bottom - top
   if width + 2 * MARGIN > IMAGE_SIZE or height + 2 * MARGIN > IMAGE_SIZE:
     return None
@@ -48,13 +48,13 @@ def _fits(text: str, size: int) -> tuple[int, int] | None:
 def render_text(text: str, size: int, x_fraction: float, y_fraction: float,
                 foreground: tuple[int, int, int], background: tuple[int, int, int]
                 ) -> np.ndarray:
-  font = _font(size)
-  left, top, right, bottom = font.getbbox(text)
+  face = font(size)
+  left, top, right, bottom = face.getbbox(text)
   width, height = right - left, bottom - top
   x = MARGIN + x_fraction * (IMAGE_SIZE - 2 * MARGIN - width) - left
   y = MARGIN + y_fraction * (IMAGE_SIZE - 2 * MARGIN - height) - top
   image = PIL.Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), background)
-  PIL.ImageDraw.Draw(image).text((x, y), text, font=font, fill=foreground)
+  PIL.ImageDraw.Draw(image).text((x, y), text, font=face, fill=foreground)
   return np.asarray(image, dtype=np.uint8)
 
 
