@@ -122,6 +122,7 @@ def tower_selection(towers: Mapping[str, Any], directory: str) -> str:
                                           ("selection_frequency", "selected (largest weight)"))):
     matrix = np.array([towers["tasks"][t][field] for t in tasks])
     image = _task_heatmap(ax, matrix, tasks, names, title, "vision tower")
+  axes[0, 1].set_yticklabels([])  # the same tasks: the left panel's labels name them
   fig.colorbar(image, ax=axes[0].tolist(), fraction=0.046, pad=0.04)
   path = os.path.join(directory, "tower_selection.png")
   fig.savefig(path, dpi=100, bbox_inches="tight")
