@@ -145,3 +145,61 @@ def test_the_routing_maps_go_to_the_best_arm_with_any_router():
   summary = {"arms": {"mome": {"delta": None, "mean_score": {"mean": 1.0}, "routed": True},
                       "better": {"delta": None, "mean_score": {"mean": 2.0}, "routed": False}}}
   assert plots.best_routed_arm(summary, set()) == "mome"
+
+
+def test_tower_routing_arms_must_name_an_arm_with_a_tower_router():
+  study = _study(tower_routing_arms=["mome"])
+  routers = {"mome": True, "scenes": False, "characters": False, "backbone": False}
+  validate.check_tower_routing_arms(study, routers)
+  with pytest.raises(StudyConfigError, match="tower_routing_arms names 'mom', which is not an "
+                                             "arm of the study"):
+    validate.check_tower_routing_arms(_study(tower_routing_arms=["mom"]), routers)
+  with pytest.raises(StudyConfigError, match="arm 'scenes', whose model has no tower router.*"
+                                             "fusion = 'router'"):
+    validate.check_tower_routing_arms(_study(tower_routing_arms=["scenes"]), routers)
+
+
+def _towers_record(weights, chosen):
+  """One seed's `towers` analysis: {task: (mean weights, selection frequencies)}."""
+  return {"towers": {"towers": ["img", "p2s"], "tasks": {
+      task: {"examples": 4, "mean_weight": list(weights[task]),
+             "selection_frequency": list(chosen[task])} for task in weights}}}
+
+
+def test_tower_weights_are_aggregated_over_the_finished_seeds_only(tmp_path):
+  from omni_smola.studies import results, tower_weights  # pylint: disable=g-import-not-at-top
+  study = _study(tower_routing_arms=["mome"])
+  runs = plan.plan(study, ["task_a"])
+  for label in ("mome/seed_0", "mome/seed_1"):
+    os.makedirs(tmp_path / label)
+  (tmp_path / "mome" / "seed_0" / markers.DONE).write_text("{}")
+  (tmp_path / "mome" / "seed_1" / markers.DONE).write_text("{}")
+  analysed = {}
+  per_seed = {0: _towers_record({"banner": (0.2, 0.8)}, {"banner": (0.0, 1.0)}),
+              1: _towers_record({"banner": (0.6, 0.4)}, {"banner": (0.75, 0.25)})}
+
+  def analyse(study_, run, study_dir, output_dir):
+    del study_, study_dir
+    analysed[run.seed] = output_dir
+    return per_seed[run.seed]
+
+  summary = tower_weights.summarize(study, runs, str(tmp_path), analyse=analyse)
+  assert analysed == {s: str(tmp_path / "routing" / "mome" / f"seed_{s}") for s in (0, 1)}
+  banner = summary["mome"]["tasks"]["banner"]
+  assert banner["img"]["mean"] == pytest.approx(0.4)
+  assert banner["img"]["std"] == pytest.approx(0.2 * 2 ** 0.5)  # sample std of 0.2, 0.6
+  assert (banner["img"]["top_on_seeds"], banner["p2s"]["top_on_seeds"]) == ([1], [0])
+  text = results.markdown({"tasks": [], "metrics": {}, "arms": {}, "study": "s",
+                          "quick": False, "mixture": "m", "reference_arm": None,
+                          "tower_routing": summary})
+  assert "| banner | 0.40 ± 0.28 [1] | 0.60 ± 0.28 [0] |" in text, text
+  # Without a finished seed, or when the analysis fails, the arm is reported, not fatal.
+  (tmp_path / "mome" / "seed_1" / markers.DONE).unlink()
+  (tmp_path / "mome" / "seed_0" / markers.DONE).unlink()
+  assert tower_weights.summarize(study, runs, str(tmp_path), analyse=analyse) == {
+      "mome": {"error": "no finished seed"}}
+  (tmp_path / "mome" / "seed_0" / markers.DONE).write_text("{}")
+  def broken(*args, **kwargs):
+    raise ValueError("no checkpoint")
+  assert tower_weights.summarize(study, runs, str(tmp_path), analyse=broken) == {
+      "mome": {"error": "ValueError: no checkpoint"}}

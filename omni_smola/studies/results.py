@@ -14,15 +14,10 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import numpy as np
 
 from omni_smola.evaluation import tables
-from omni_smola.studies import markers
+from omni_smola.studies import markers, tower_weights
+from omni_smola.studies.spread import mean_std
 from omni_smola.studies.plan import Run, seeds_of
 from omni_smola.studies.spec import Study
-
-
-def _mean_std(values: Sequence[float]) -> Dict[str, float]:
-  values = np.asarray(values, np.float64)
-  return {"mean": float(values.mean()),
-          "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0, "n": int(len(values))}
 
 
 def _arm_seeds(study: Study, arm_runs: Sequence[Run], study_dir: str,
@@ -59,7 +54,7 @@ def _delta(seeds: Mapping[int, Dict[str, Any]], reference: Mapping[int, Dict[str
       continue
     base = ok.get(seed, reference_mean)
     per_seed[seed] = float(np.mean([value["scores"][t] - base[t] for t in tasks]))
-  return dict(_mean_std(list(per_seed.values())), per_seed=per_seed) if per_seed else None
+  return dict(mean_std(list(per_seed.values())), per_seed=per_seed) if per_seed else None
 
 
 def _seed_means(seeds: Mapping[int, Dict[str, Any]], tasks: Sequence[str]) -> Dict[int, float]:
@@ -83,7 +78,7 @@ def _comparison(a: Mapping[int, float], b: Mapping[int, float]) -> Optional[Dict
   per_seed = {seed: a[seed] - b[seed] for seed in sorted(set(a) & set(b))}
   if not per_seed:
     return None
-  stats = _mean_std(list(per_seed.values()))
+  stats = mean_std(list(per_seed.values()))
   if stats["n"] < 2:
     verdict = "one seed: no spread"
   elif stats["mean"] > stats["std"]:
@@ -114,14 +109,14 @@ def summarize(study: Study, runs: Sequence[Run], study_dir: str, tasks: Sequence
     for task in tasks:
       values = [v["scores"][task] for v in done if task in v["scores"]]
       if values:
-        per_task[task] = _mean_std(values)
+        per_task[task] = mean_std(values)
         metric_names.setdefault(task, tables.main_metric(done[0]["metrics"][task]))
     arms[arm.name] = {
         "status": ("done" if len(done) == len(seeds) else "failed" if not done else "partial"),
         "seeds": {str(s): v for s, v in seeds.items()},
         "expected_seeds": seeds_of(study, arm),
         "tasks": per_task,
-        "mean_score": (_mean_std(list(_seed_means(seeds, tasks).values()))
+        "mean_score": (mean_std(list(_seed_means(seeds, tasks).values()))
                        if done else None),
         "delta": _delta(seeds, reference, tasks) if reference is not None else None,
         **accounts.get(arm.name, {}),
@@ -171,7 +166,8 @@ def markdown(summary: Mapping[str, Any]) -> str:
   for arm in summary["arms"].values():
     for value in arm["seeds"].values():
       notes.extend(f"- {error.splitlines()[0][:300]}" for error in value["errors"])
-  return "\n".join(lines + notes + _comparison_lines(summary.get("comparisons", {}))) + "\n"
+  return "\n".join(lines + notes + _comparison_lines(summary.get("comparisons", {}))
+                   + tower_weights.markdown_lines(summary.get("tower_routing", {}))) + "\n"
 
 
 def _comparison_lines(comparisons: Mapping[str, Any]) -> List[str]:

@@ -4,7 +4,7 @@ with), written to `<study_dir>/routing/<arm>/`. An analysis of the same checkpoi
 read back instead of repeated."""
 import json
 import os
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import gin
 
@@ -14,9 +14,11 @@ from omni_smola.studies.plan import Run
 from omni_smola.studies.spec import Study, gin_binding
 
 
-def routing_maps(study: Study, run: Run, study_dir: str) -> Dict[str, Any]:
+def routing_maps(study: Study, run: Run, study_dir: str,
+                 output_dir: Optional[str] = None) -> Dict[str, Any]:
+  """The analysis summary; written to `output_dir` (default `<study_dir>/routing/<arm>/`)."""
   from omni_smola.analysis import routing  # pylint: disable=g-import-not-at-top
-  output_dir = os.path.join(study_dir, "routing", run.arm.name)
+  output_dir = output_dir or os.path.join(study_dir, "routing", run.arm.name)
   checkpoint = os.path.join(study_dir, run.directory)
   record = os.path.join(output_dir, "routing.json")
   gin_files, bindings = configure.run_config(study, run, study_dir)

@@ -9,7 +9,8 @@ from typing import Any, Dict
 from absl import logging
 import gin
 
-from omni_smola.studies import execute, plan, plots, results, routing_maps, validate
+from omni_smola.studies import execute, plan, plots, results, routing_maps, tower_weights
+from omni_smola.studies import validate
 from omni_smola.studies.spec import Study, StudyConfigError
 
 
@@ -60,6 +61,7 @@ def run_study(study: Study, study_dir: str, quick: bool = False) -> Dict[str, An
       summary["routing"] = {"arm": best, "error": f"{type(e).__name__}: {e}"}
     finally:
       gin.clear_config()
+  summary["tower_routing"] = tower_weights.summarize(study, runs, study_dir)
   summary.update(figures=[os.path.relpath(p, study_dir) for p in figures], runs=counts,
                  wall_seconds=time.time() - start)
   results.write(summary, study_dir)

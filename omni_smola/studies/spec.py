@@ -80,6 +80,9 @@ class Study:
       shared backbone, is paired with every seed of the other), its mean ± std, and whether
       the claim holds beyond that spread.
     routing_batches: batches per task of the routing analysis of the best routed arm.
+    tower_routing_arms: arms with MoVE's tower router whose every finished seed is
+      analysed; results give each task's router weight per tower, mean ± std over seeds
+      (MoME's Fig. 5; studies/tower_weights.py).
     quick_bindings: `--quick`: bindings every arm gets last (few steps, small evaluations).
     quick_name_suffix: `--quick`: appended to every mixture and task name (the mini
       mixture's `_tiny` data config).
@@ -94,6 +97,7 @@ class Study:
   scaling_arms: Mapping[str, int] = dataclasses.field(default_factory=dict)
   comparisons: Mapping[str, Sequence[str]] = dataclasses.field(default_factory=dict)
   routing_batches: int = 2
+  tower_routing_arms: Sequence[str] = ()
   quick_bindings: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   quick_name_suffix: str = ""
 

@@ -49,18 +49,34 @@ def check_tower_sources(arm: Arm, towers_of: Dict[str, List[str]]) -> None:
           "(arm, subtree) to read another subtree")
 
 
+def check_tower_routing_arms(study: Study, tower_router_of: Dict[str, bool]) -> None:
+  """Each `Study.tower_routing_arms` entry names an arm whose MoVE routes over towers.
+
+  `tower_router_of`: {arm name: whether its model's MoVE has `fusion='router'`}."""
+  for name in study.tower_routing_arms:
+    if name not in tower_router_of:
+      raise StudyConfigError(f"Study.tower_routing_arms names {name!r}, which is not an arm "
+                             f"of the study (arms: {sorted(tower_router_of)})")
+    if not tower_router_of[name]:
+      raise StudyConfigError(
+          f"Study.tower_routing_arms names arm {name!r}, whose model has no tower router to "
+          "analyse (it needs MoVE with MoVEConfig.fusion = 'router')")
+
+
 def _build(gin_files: Sequence[str], bindings: Sequence[str], account: bool):
   """Builds the run's model object (its AdapterSpecs check their fields) and, with
   `account`, traces it abstractly for its parameter and FLOP counts (params.py).
 
-  Returns (the accounting, {} without `account`; the model's vision tower names).
+  Returns (the accounting, {} without `account`; the model's vision tower names; whether
+  MoVE routes over the towers).
   """
   gin.clear_config()
   params_lib.parse_config(gin_files, bindings)
   model, _, _ = params_lib.run_macros()
   towers = [name for name, _ in getattr(getattr(model, "config", None), "vision_towers", ())]
+  tower_router = routing.mome_tower_router(model) is not None
   if not account:
-    return {}, towers
+    return {}, towers, tower_router
   account = params_lib.account_from_gin()
   parameters, flops = account["parameters"], account["flops"]["total"]
   return {"adapters": {slot: spec["kind"] if spec else None
@@ -68,7 +84,7 @@ def _build(gin_files: Sequence[str], bindings: Sequence[str], account: bool):
           "routed": routing.has_router(model),
           "parameters": {k: parameters[k] for k in ("total", "trainable", "adapters")},
           "flops": {"backbone": flops["backbone"], "adapters": flops["adapters"],
-                    "total": flops["backbone"] + flops["adapters"]}}, towers
+                    "total": flops["backbone"] + flops["adapters"]}}, towers, tower_router
 
 
 def _checked(run: Run, check, *args):
@@ -104,10 +120,11 @@ def validate(study: Study, runs: Sequence[Run], study_dir: str,
           f"arm {run.arm.name!r}: {run.label} finished before with another configuration "
           f"(see {os.path.join(study_dir, run.directory, markers.DONE)}); use another "
           "--study_dir or delete that run")
-  accounts, towers_of = {}, {}
+  accounts, towers_of, tower_router_of = {}, {}, {}
   for name, run in first.items():
-    accounts[name], towers_of[name] = _checked(
+    accounts[name], towers_of[name], tower_router_of[name] = _checked(
         run, _build, *configure.run_config(study, run, study_dir), account)
   for arm in study.arms:
     check_tower_sources(arm, towers_of)
+  check_tower_routing_arms(study, tower_router_of)
   return accounts
