@@ -196,6 +196,8 @@ def test_a_run_finished_on_other_data_is_refused_before_anything_trains(first_ru
     ("diverges/omni_smola.studies.spec.Arm.init_from = 'nobody'", "arm 'diverges'.*nobody"),
     ("omni/omni_smola.studies.spec.Arm.bindings = {'MODEL_DIR': '/tmp/x'}",
      "arm 'omni'.*MODEL_DIR"),
+    ("omni_smola.studies.spec.Study.tower_routing_arms = ['omni']",
+     "tower_routing_arms names arm 'omni', whose model has no tower router"),
 ])
 def test_bad_study_is_refused_before_training(study_files, tmp_path, binding, message):
   study = load_study(study_files, binding, quick=False)

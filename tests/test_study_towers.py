@@ -157,6 +157,10 @@ def test_tower_routing_arms_must_name_an_arm_with_a_tower_router():
   with pytest.raises(StudyConfigError, match="arm 'scenes', whose model has no tower router.*"
                                              "fusion = 'router'"):
     validate.check_tower_routing_arms(_study(tower_routing_arms=["scenes"]), routers)
+  with pytest.raises(StudyConfigError, match="arm 'specialists', which trains one run per "
+                                             "task"):
+    validate.check_tower_routing_arms(_study(tower_routing_arms=["specialists"]),
+                                      dict(routers, specialists=True))
 
 
 def _towers_record(weights, chosen):
@@ -193,13 +197,19 @@ def test_tower_weights_are_aggregated_over_the_finished_seeds_only(tmp_path):
                           "quick": False, "mixture": "m", "reference_arm": None,
                           "tower_routing": summary})
   assert "| banner | 0.40 ± 0.28 [1] | 0.60 ± 0.28 [0] |" in text, text
-  # Without a finished seed, or when the analysis fails, the arm is reported, not fatal.
-  (tmp_path / "mome" / "seed_1" / markers.DONE).unlink()
-  (tmp_path / "mome" / "seed_0" / markers.DONE).unlink()
+  # A seed whose analysis fails is left out and named; one seed shows no spread.
+  def second_fails(study_, run, study_dir, output_dir):
+    if run.seed == 1:
+      raise ValueError("no checkpoint")
+    return analyse(study_, run, study_dir, output_dir)
+  summary = tower_weights.summarize(study, runs, str(tmp_path), analyse=second_fails)
+  assert summary["mome"]["seeds"] == [0]
+  assert summary["mome"]["errors"] == {"1": "ValueError: no checkpoint"}
+  lines = tower_weights.markdown_lines(summary)
+  assert "| banner | 0.20 | 0.80 [0] |" in lines, lines
+  assert any("seed 1: not analysed (ValueError: no checkpoint)" in line for line in lines)
+  # Without a finished seed the arm is reported, not fatal.
+  for seed in (0, 1):
+    (tmp_path / "mome" / f"seed_{seed}" / markers.DONE).unlink()
   assert tower_weights.summarize(study, runs, str(tmp_path), analyse=analyse) == {
-      "mome": {"error": "no finished seed"}}
-  (tmp_path / "mome" / "seed_0" / markers.DONE).write_text("{}")
-  def broken(*args, **kwargs):
-    raise ValueError("no checkpoint")
-  assert tower_weights.summarize(study, runs, str(tmp_path), analyse=broken) == {
-      "mome": {"error": "ValueError: no checkpoint"}}
+      "mome": {"errors": {"all": "no finished seed"}}}

@@ -25,6 +25,7 @@ CAPTION_SUBTASKS = [s for s, kwargs in tasks.mini.TASK_KWARGS.items()
 PHOTOS_SHAPES_SUBTASKS = ["shapes_caption", "shapes_count", "shapes_color_qa",
                           "shapes_spatial_qa", "photo_caption", "photo_qa"]
 TEXT_DIGITS_SUBTASKS = ["digits_qa", "text_read", "text_caption"]
+BANNER_SUBTASKS = list(tasks.mini.BANNER_SUBTASKS)
 assert sorted(PHOTOS_SHAPES_SUBTASKS + TEXT_DIGITS_SUBTASKS) == sorted(tasks.mini.SUBTASKS)
 
 
@@ -38,7 +39,6 @@ def _register(name: str, subtasks: Sequence[str], rates: Mapping[str, float]) ->
 _register("mini_captions", CAPTION_SUBTASKS, {s: 1.0 for s in CAPTION_SUBTASKS})
 _register("mini_photos_shapes", PHOTOS_SHAPES_SUBTASKS, tasks.mini.DEFAULT_RATES)
 _register("mini_text_digits", TEXT_DIGITS_SUBTASKS, tasks.mini.DEFAULT_RATES)
-BANNER_SUBTASKS = list(tasks.mini.BANNER_SUBTASKS)
 _register("mini_generalist_banners", list(tasks.mini.SUBTASKS) + BANNER_SUBTASKS,
           tasks.mini.DEFAULT_RATES)
 _register("mini_text_digits_banners", TEXT_DIGITS_SUBTASKS + BANNER_SUBTASKS,

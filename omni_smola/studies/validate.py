@@ -57,6 +57,10 @@ def check_tower_routing_arms(study: Study, tower_router_of: Dict[str, bool]) -> 
     if name not in tower_router_of:
       raise StudyConfigError(f"Study.tower_routing_arms names {name!r}, which is not an arm "
                              f"of the study (arms: {sorted(tower_router_of)})")
+    if next(a for a in study.arms if a.name == name).per_task:
+      raise StudyConfigError(
+          f"Study.tower_routing_arms names arm {name!r}, which trains one run per task: "
+          "its runs would share one analysis per seed")
     if not tower_router_of[name]:
       raise StudyConfigError(
           f"Study.tower_routing_arms names arm {name!r}, whose model has no tower router to "
@@ -74,7 +78,8 @@ def _build(gin_files: Sequence[str], bindings: Sequence[str], account: bool):
   params_lib.parse_config(gin_files, bindings)
   model, _, _ = params_lib.run_macros()
   towers = [name for name, _ in getattr(getattr(model, "config", None), "vision_towers", ())]
-  tower_router = routing.mome_tower_router(model) is not None
+  tower_router = (getattr(model, "config", None) is not None
+                  and routing.mome_tower_router(model) is not None)
   if not account:
     return {}, towers, tower_router
   account = params_lib.account_from_gin()

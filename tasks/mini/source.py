@@ -65,7 +65,7 @@ def prepare_builder(builder: tfds.core.DatasetBuilder) -> tfds.core.DatasetBuild
   """Generates the builder's dataset unless its data dir already holds it."""
   if builder.is_prepared():
     return builder
-  data_root = os.fspath(builder.data_dir).rsplit(os.sep, 3)[0]  # .../mini_vl/<config>/<version>
+  data_root = os.fspath(builder.data_dir).rsplit(os.sep, 3)[0]  # .../<dataset>/<config>/<version>
   with _lock(data_root):
     if builder.data_path.exists():  # built by another process while we waited
       builder.info.read_from_directory(builder.data_dir)
