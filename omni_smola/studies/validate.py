@@ -77,9 +77,9 @@ def _build(gin_files: Sequence[str], bindings: Sequence[str], account: bool):
   gin.clear_config()
   params_lib.parse_config(gin_files, bindings)
   model, _, _ = params_lib.run_macros()
-  towers = [name for name, _ in getattr(getattr(model, "config", None), "vision_towers", ())]
-  tower_router = (getattr(model, "config", None) is not None
-                  and routing.mome_tower_router(model) is not None)
+  config = getattr(model, "config", None)
+  towers = [name for name, _ in getattr(config, "vision_towers", ())]
+  tower_router = config is not None and routing.mome_tower_router(model) is not None
   if not account:
     return {}, towers, tower_router
   account = params_lib.account_from_gin()

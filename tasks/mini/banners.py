@@ -15,11 +15,9 @@ import functools
 from typing import Iterator
 
 import numpy as np
-import PIL.Image
-import PIL.ImageDraw
 
 from tasks.mini.common import DARK_COLORS, LIGHT_COLORS, Sample, choice
-from tasks.mini.text import FONT_SIZES, MARGIN, WORDS, font
+from tasks.mini.text import WORDS, draw_font_size, render_text
 
 BANNER_HEIGHT = 32
 ASPECT_RATIOS = (2, 3, 4)  # width / height; 4 is the Pix2Struct tower's max_aspect_ratio
@@ -27,32 +25,15 @@ QUESTIONS = ("what is written on the banner?", "what does the banner say?",
              "which word is on the banner?")
 
 
-def _fits(text: str, size: int, width: int) -> bool:
-  left, top, right, bottom = font(size).getbbox(text)
-  return (right - left + 2 * MARGIN <= width
-          and bottom - top + 2 * MARGIN <= BANNER_HEIGHT)
-
-
-def render_banner(text: str, size: int, width: int, x_fraction: float,
-                  foreground: tuple[int, int, int], background: tuple[int, int, int]
-                  ) -> np.ndarray:
-  """uint8 [BANNER_HEIGHT, width, 3]: `text` centred vertically at `x_fraction` of the room."""
-  left, top, right, bottom = font(size).getbbox(text)
-  x = MARGIN + x_fraction * (width - 2 * MARGIN - (right - left)) - left
-  y = (BANNER_HEIGHT - (bottom - top)) / 2 - top
-  image = PIL.Image.new("RGB", (width, BANNER_HEIGHT), background)
-  PIL.ImageDraw.Draw(image).text((x, y), text, font=font(size), fill=foreground)
-  return np.asarray(image, dtype=np.uint8)
-
-
 def banner_read_samples(rng: np.random.Generator, count: int) -> Iterator[Sample]:
   for _ in range(count):
     text = choice(rng, WORDS)
-    width = BANNER_HEIGHT * choice(rng, ASPECT_RATIOS)
-    size = next(s for s in FONT_SIZES[int(rng.integers(2)):] if _fits(text, s, width))
+    canvas = (BANNER_HEIGHT * choice(rng, ASPECT_RATIOS), BANNER_HEIGHT)  # (width, height)
+    size = draw_font_size(rng, text, canvas)
     x_fraction = float(rng.random())
     foreground = DARK_COLORS[choice(rng, tuple(DARK_COLORS))]
     background = LIGHT_COLORS[choice(rng, tuple(LIGHT_COLORS))]
-    yield Sample(render=functools.partial(render_banner, text, size, width, x_fraction,
-                                          foreground, background),
+    # Centred vertically: `text.render_text` at half the room above and below.
+    yield Sample(render=functools.partial(render_text, text, size, x_fraction, 0.5, foreground,
+                                          background, canvas),
                  question=choice(rng, QUESTIONS), answers=(text,), answer_type="other")

@@ -37,23 +37,32 @@ def font(size: int) -> PIL.ImageFont.FreeTypeFont:
   return PIL.ImageFont.load_default(size=size)
 
 
-def _fits(text: str, size: int) -> tuple[int, int] | None:
+def _fits(text: str, size: int, canvas: tuple[int, int]) -> bool:
   left, top, right, bottom = font(size).getbbox(text)
-  width, height = right - left, bottom - top
-  if width + 2 * MARGIN > IMAGE_SIZE or height + 2 * MARGIN > IMAGE_SIZE:
-    return None
-  return width, height
+  canvas_width, canvas_height = canvas
+  return (right - left + 2 * MARGIN <= canvas_width
+          and bottom - top + 2 * MARGIN <= canvas_height)
+
+
+def draw_font_size(rng: np.random.Generator, text: str,
+                   canvas: tuple[int, int] = (IMAGE_SIZE, IMAGE_SIZE)) -> int:
+  """The largest of FONT_SIZES, from the first or (at random) the second, that fits `text`
+  within MARGIN on a (width, height) `canvas`."""
+  return next(s for s in FONT_SIZES[int(rng.integers(2)):] if _fits(text, s, canvas))
 
 
 def render_text(text: str, size: int, x_fraction: float, y_fraction: float,
-                foreground: tuple[int, int, int], background: tuple[int, int, int]
-                ) -> np.ndarray:
+                foreground: tuple[int, int, int], background: tuple[int, int, int],
+                canvas: tuple[int, int] = (IMAGE_SIZE, IMAGE_SIZE)) -> np.ndarray:
+  """uint8 [height, width, 3] of a (width, height) `canvas`: `text` placed at the fractions
+  of the room left around it."""
   face = font(size)
   left, top, right, bottom = face.getbbox(text)
   width, height = right - left, bottom - top
-  x = MARGIN + x_fraction * (IMAGE_SIZE - 2 * MARGIN - width) - left
-  y = MARGIN + y_fraction * (IMAGE_SIZE - 2 * MARGIN - height) - top
-  image = PIL.Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), background)
+  canvas_width, canvas_height = canvas
+  x = MARGIN + x_fraction * (canvas_width - 2 * MARGIN - width) - left
+  y = MARGIN + y_fraction * (canvas_height - 2 * MARGIN - height) - top
+  image = PIL.Image.new("RGB", canvas, background)
   PIL.ImageDraw.Draw(image).text((x, y), text, font=face, fill=foreground)
   return np.asarray(image, dtype=np.uint8)
 
@@ -61,7 +70,7 @@ def render_text(text: str, size: int, x_fraction: float, y_fraction: float,
 def _text_draws(rng: np.random.Generator, count: int):
   for _ in range(count):
     text = choice(rng, WORDS)
-    size = next(s for s in FONT_SIZES[int(rng.integers(2)):] if _fits(text, s))
+    size = draw_font_size(rng, text)
     x_fraction, y_fraction = float(rng.random()), float(rng.random())
     fg_name, bg_name = choice(rng, tuple(DARK_COLORS)), choice(rng, tuple(LIGHT_COLORS))
     foreground, background = DARK_COLORS[fg_name], LIGHT_COLORS[bg_name]
